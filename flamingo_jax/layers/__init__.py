@@ -1,0 +1,1 @@
+"""Building blocks shared by the vision encoders, the resampler, the xattn blocks and the LMs."""

@@ -1,0 +1,168 @@
+"""A frozen decoder-only LM with GATED XATTN-DENSE blocks inserted between its layers.
+
+Layers are grouped in runs of `xattn.every`; a group holds its LM layers and (at most)
+one xattn block, placed before the group's first layer (paper) or last layer
+(OpenFlamingo). Groups are `nn.scan`ned, so compile time does not grow with depth. When
+`num_layers` is not a multiple of `every` (the paper's 80B: 80 layers, every 7th) the
+remaining layers form one unscanned tail group.
+
+Parameter layout (what `stack_layers` builds from per-layer trees):
+  embed/embedding, final_norm/..., lm_head/kernel (untied only),
+  groups/layer_{k}/...   leading axis = group index   (HF layer g * every + k)
+  groups/xattn/...       leading axis = group index
+  tail/layer_{k}/..., tail/xattn/...                  (only when a tail exists)
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax import lm as lm_families
+from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
+from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where each LM layer and xattn block lives."""
+  group_size: int  # LM layers per group
+  num_groups: int  # scanned groups
+  tail_size: int  # LM layers in the unscanned tail (0: none)
+  xattn_offset: int  # index within a group of the layer the block precedes
+
+  @property
+  def tail_has_xattn(self) -> bool:
+    return self.xattn_offset < self.tail_size
+
+  @property
+  def num_xattn(self) -> int:
+    return self.num_groups + int(self.tail_has_xattn)
+
+  def layer_slot(self, i: int) -> tuple[str, int | None, int]:
+    """LM layer i → (container 'groups' | 'tail', index along the scan axis, k in layer_k)."""
+    g, k = divmod(i, self.group_size)
+    return ("groups", g, k) if g < self.num_groups else ("tail", None, k)
+
+  def xattn_layers(self) -> list[int]:
+    """The LM layer index each xattn block precedes, in block order."""
+    return [g * self.group_size + self.xattn_offset for g in range(self.num_xattn)]
+
+
+def layout(config: FlamingoConfig) -> Layout:
+  every, n = config.xattn.every, config.lm.num_layers
+  offset = 0 if config.xattn.placement == "first" else every - 1
+  return Layout(group_size=every, num_groups=n // every, tail_size=n % every, xattn_offset=offset)
+
+
+def stack_layers(config: FlamingoConfig, layers: list[dict], xattn: list[dict] | None) -> dict:
+  """Per-layer param trees (HF order) → the `groups` / `tail` trees of `DecoderLM`."""
+  lay = layout(config)
+  if len(layers) != config.lm.num_layers:
+    raise ValueError(f"got {len(layers)} LM layers, lm.num_layers={config.lm.num_layers}")
+  if xattn is not None and len(xattn) != lay.num_xattn:
+    raise ValueError(f"got {len(xattn)} xattn blocks, the layout has {lay.num_xattn} "
+                     f"(xattn.every={config.xattn.every}, placement={config.xattn.placement!r})")
+  stack = lambda trees: jax.tree.map(lambda *xs: np.stack(xs), *trees)
+  out = {}
+  if lay.num_groups:
+    groups = {f"layer_{k}": stack(layers[k:lay.num_groups * lay.group_size:lay.group_size])
+              for k in range(lay.group_size)}
+    if xattn is not None:
+      groups["xattn"] = stack(xattn[:lay.num_groups])
+    out["groups"] = groups
+  if lay.tail_size:
+    start = lay.num_groups * lay.group_size
+    tail = {f"layer_{k}": layers[start + k] for k in range(lay.tail_size)}
+    if xattn is not None and lay.tail_has_xattn:
+      tail["xattn"] = xattn[-1]
+    out["tail"] = tail
+  return out
+
+
+class LayerGroup(nn.Module):
+  """`size` LM layers, with an xattn block before layer `xattn_at` (None: no block)."""
+  config: FlamingoConfig
+  size: int
+  xattn_at: int | None
+
+  @nn.compact
+  def __call__(self, x, media, xattn_mask, has_media, mask, positions):
+    c = self.config
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+    Layer = lm_families.family(c.lm.family).Layer
+    for k in range(self.size):
+      if k == self.xattn_at:
+        x = GatedCrossAttentionBlock(c.xattn, name="xattn", **kw)(
+            x, media, mask=xattn_mask, has_media=has_media)
+      x = Layer(c.lm, name=f"layer_{k}", **kw)(x, mask=mask, positions=positions)
+      x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+    return x, None
+
+
+class DecoderLM(nn.Module):
+  """Token ids → logits. `with_xattn=False` is the bare frozen LM (same layer params)."""
+  config: FlamingoConfig
+  with_xattn: bool = True
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               media: jax.Array | None = None, media_index: jax.Array | None = None,
+               media_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = pad); media [B, M, N, Dv]
+    (resampled visual tokens); media_index [B, T] (-1 = none); media_mask [B, M]."""
+    c = self.config
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+    b, t = input_ids.shape
+    embed = nn.Embed(c.lm.vocab_size, c.lm.d_model, name="embed", **kw,
+                     embedding_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("vocab", "embed")))
+    x = embed(input_ids)
+    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = causal[None] & attention_mask.astype(bool)[:, None, :]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+
+    if media_index is None:
+      media_index = jnp.full((b, t), -1, jnp.int32)
+    has_media = media_index >= 0
+    xattn_mask = None
+    if media is not None:
+      _, m, n, dv = media.shape
+      xattn_mask = media_attention_mask(media_index, m, n, media_mask)
+      has_media = xattn_mask.any(axis=-1)
+      media = media.reshape(b, m * n, dv)
+    args = (media, xattn_mask, has_media, mask, positions)
+
+    lay = layout(c)
+    xattn_at = lay.xattn_offset if self.with_xattn else None
+    group = LayerGroup
+    if c.remat_policy != "none":
+      group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+    if lay.num_groups:
+      scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast,) * len(args), length=lay.num_groups,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(c, lay.group_size, xattn_at, name="groups")(x, *args)
+    if lay.tail_size:
+      tail_xattn = xattn_at if lay.tail_has_xattn else None
+      x, _ = LayerGroup(c, lay.tail_size, tail_xattn, name="tail")(x, *args)
+
+    x = lm_families.family(c.lm.family).final_norm(c.lm, **kw)(x)
+    if c.lm.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Dense(c.lm.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))

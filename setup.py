@@ -1,0 +1,36 @@
+"""flamingo_jax: Flamingo visual language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Versions that resolve and run together on a fresh CPU machine (see README).
+INSTALL_REQUIRES = [
+    "jax[cpu]==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml_collections==1.1.0",
+    "transformers==4.57.6",  # 4.57 (not 5.x): open_flamingo's generate() works with it
+    "tensorflow-datasets==4.9.10",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+]
+
+# PyTorch is needed only to read .pt/.bin checkpoints and for the parity tests. Pinned
+# exactly: any other torch version pulls gigabytes of CUDA wheels.
+TORCH = ["torch==2.13.0"]
+# The reference implementations themselves (open_flamingo, open_clip, timm, torchvision)
+# pin an old torch in their metadata, so they install with --no-deps from
+# tests/requirements-reference.txt; these are their remaining dependencies.
+TEST = TORCH + ["pytest==8.4.2", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
+                "sentencepiece==0.2.3", "regex"]
+
+setup(
+    name="flamingo_jax",
+    version="0.1.0",
+    description="Flamingo visual language models in JAX/Flax, for TPU and GPU pods",
+    python_requires=">=3.10",
+    packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"torch": TORCH, "test": TEST},
+)

@@ -1,0 +1,19 @@
+"""Test setup that must happen before jax, torch or transformers are imported."""
+import os
+import sys
+import types
+
+# Eight simulated CPU devices for the sharding tests; must precede the first jax import.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# No hub on these machines: fail fast instead of a ~46 s lookup.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The only torchvision wheel here is a CUDA build whose operator registrations fail on a
+# CPU-only torch; the parity references (open_clip, timm, open_flamingo) never need them.
+for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+  sys.modules.setdefault(_name, types.ModuleType(_name))
+
+import jax  # noqa: E402
+
+# Parity tests compare float32 against PyTorch: no reduced-precision matmul passes.
+jax.config.update("jax_default_matmul_precision", "highest")
