@@ -22,7 +22,7 @@ TORCH = ["torch==2.13.0"]
 # The reference implementations themselves (open_flamingo, open_clip, timm, torchvision)
 # pin an old torch in their metadata, so they install with --no-deps from
 # tests/requirements-reference.txt; these are their remaining dependencies.
-TEST = TORCH + ["pytest==8.4.2", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
+TEST = TORCH + ["pytest==9.0.3", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
                 "sentencepiece==0.2.3", "regex"]
 
 setup(

@@ -1,0 +1,1 @@
+"""Weight import from local PyTorch / safetensors / Haiku files (never from a hub)."""
