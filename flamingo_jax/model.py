@@ -1,0 +1,51 @@
+"""Flamingo: frozen vision encoder → Perceiver Resampler → frozen LM with gated xattn.
+
+The call is split so decoding can reuse work: `encode_media` runs once per set of
+images, `decode` runs the LM on tokens given the resampled visual tokens. `__call__`
+is both, for training.
+"""
+import flax.linen as nn
+import jax
+
+from flamingo_jax import vision
+from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.inputs import check_inputs, media_index_from_tokens
+from flamingo_jax.lm.decoder import DecoderLM
+from flamingo_jax.perceiver import PerceiverResampler
+
+
+class Flamingo(nn.Module):
+  config: FlamingoConfig
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+    self.vision = vision.build(c.vision, **kw)
+    self.resampler = PerceiverResampler(c.resampler, **kw)
+    self.lm = DecoderLM(c)
+
+  def encode_media(self, images: jax.Array) -> jax.Array:
+    """images [B, M, F, H, W, C] → visual tokens [B, M, num_latents, D]."""
+    b, m, f = images.shape[:3]
+    features = self.vision(images.reshape((b * m * f,) + images.shape[3:]))
+    # The vision tower is frozen: no gradient flows into it, whatever the optimizer mask.
+    features = jax.lax.stop_gradient(features)
+    return self.resampler(features.reshape((b, m, f) + features.shape[1:]))
+
+  def decode(self, input_ids, attention_mask=None, *, media=None, media_index=None,
+             media_mask=None, positions=None) -> jax.Array:
+    """Logits [B, T, vocab] given resampled `media` [B, M, L, D] (None: text only)."""
+    if media_index is None:
+      media_index = media_index_from_tokens(input_ids, self.config.media_token_id)
+    return self.lm(input_ids, attention_mask, media=media, media_index=media_index,
+                   media_mask=media_mask, positions=positions)
+
+  def __call__(self, images, input_ids, attention_mask=None, *, media_mask=None,
+               media_index=None, positions=None) -> jax.Array:
+    """Logits [B, T, vocab]. `images` may be None (or have M = 0) for text-only batches."""
+    check_inputs(self.config, images, input_ids, attention_mask, media_mask, media_index)
+    media = None
+    if images is not None and images.shape[1] > 0:
+      media = self.encode_media(images)
+    return self.decode(input_ids, attention_mask, media=media, media_index=media_index,
+                       media_mask=media_mask, positions=positions)
