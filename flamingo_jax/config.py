@@ -68,22 +68,62 @@ class ViTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class NFNetConfig:
-  """Normalizer-free ResNet, F-series (Brock et al. 2021); returns the flattened final grid."""
+  """Normalizer-free ResNet, F-series (Brock et al. 2021); returns the flattened final grid.
+
+  `variant` fixes the depths ((k+1) * [1, 2, 6, 3] for F_k); the remaining shape fields
+  default to every F variant's values and exist for small test models.
+  """
   variant: str = "F6"
   image_size: int = 320
   stochastic_depth_rate: float = 0.0
+  # 'gelu' is exact GELU (timm's dm_nfnet_*); DeepMind's Haiku code used jax.nn.gelu's
+  # tanh approximation: 'gelu_tanh'.
   activation: str = "gelu"
+  depths: tuple[int, ...] = ()  # () = from `variant`
+  widths: tuple[int, ...] = (256, 512, 1536, 1536)
+  stem_width: int = 128  # the stem's convs have stem_width // 8, // 4, // 2 and x1 channels
+  group_width: int = 128
+  bottleneck_ratio: float = 0.5
+  se_ratio: float = 0.5
+  alpha: float = 0.2
+  final_width: int = 0  # 0 = 2 * widths[-1]
+  # Scaled weight standardisation: 'timm' divides by sqrt(var + 1e-5) and by sqrt(fan_in);
+  # 'deepmind' (Haiku WSConv2D) by sqrt(max(var * fan_in, 1e-4)).
+  weight_standardization: str = "timm"
 
   def check(self):
     _require(self.variant in [f"F{i}" for i in range(8)], "variant",
              f"{self.variant!r} is not one of F0..F7")
-    _positive(self, "image_size")
+    _positive(self, "image_size", "stem_width", "group_width")
     _require(0.0 <= self.stochastic_depth_rate < 1.0, "stochastic_depth_rate", "must be in [0, 1)")
-    _one_of(self.activation, "activation", ("gelu", "relu", "silu"))
+    _one_of(self.activation, "activation", ("gelu", "gelu_tanh", "relu", "silu"))
+    for name in ("depths", "widths"):
+      value = tuple(getattr(self, name))
+      _require(len(value) == 4 or (name == "depths" and not value), name,
+               f"needs one entry per stage (4), got {value!r}")
+      _require(all(isinstance(v, int) and v > 0 for v in value), name,
+               f"entries must be positive integers, got {value!r}")
+    _require(self.stem_width % 8 == 0, "stem_width", f"{self.stem_width} must be a multiple of 8")
+    _require(0.0 < self.bottleneck_ratio, "bottleneck_ratio", "must be > 0")
+    for w in self.widths:
+      _require(int(w * self.bottleneck_ratio) >= self.group_width, "group_width",
+               f"{self.group_width} exceeds the bottleneck width {int(w * self.bottleneck_ratio)} "
+               f"of stage width {w} (widths * bottleneck_ratio)")
+    _require(0.0 < self.se_ratio <= 1.0, "se_ratio", "must be in (0, 1]")
+    _require(self.alpha > 0, "alpha", "must be > 0")
+    _require(self.final_width >= 0, "final_width", "must be >= 0 (0 = 2 * widths[-1])")
+    _one_of(self.weight_standardization, "weight_standardization", ("timm", "deepmind"))
+
+  @property
+  def stage_depths(self) -> tuple[int, ...]:
+    if self.depths:
+      return tuple(self.depths)
+    k = int(self.variant[1:]) + 1
+    return tuple(k * d for d in (1, 2, 6, 3))
 
   @property
   def out_dim(self) -> int:
-    return 3072  # final 1x1 conv: 2 x 1536 channels for every F variant
+    return self.final_width or 2 * self.widths[-1]  # 3072 for every F variant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +135,15 @@ class ResamplerConfig:
   ff_mult: int = 4
   activation: str = "gelu"  # paper: 'squared_relu'
   max_frames: int = 0  # > 0: learned temporal embeddings for up to this many frames
+  # Working width; 0 = the vision feature width. Otherwise the features are first
+  # projected to it (the paper: NFNet-F6's 3072 channels → 1536).
+  dim: int = 0
   ln_eps: float = 1e-5
 
   def check(self):
     _positive(self, "depth", "num_heads", "head_dim", "num_latents", "ff_mult")
     _require(self.max_frames >= 0, "max_frames", "must be >= 0 (0 = no temporal embeddings)")
+    _require(self.dim >= 0, "dim", "must be >= 0 (0 = the vision feature width)")
     _one_of(self.activation, "activation", ACTIVATIONS)
 
 
@@ -112,6 +156,7 @@ class XAttnConfig:
   num_heads: int = 8
   head_dim: int = 64
   ff_mult: int = 4
+  ff_dim: int = 0  # FFW hidden size; 0 = ff_mult * d_model
   activation: str = "gelu"  # paper: 'squared_relu'
   # OpenFlamingo runs the block's FFW on every token, media or not; the paper's block adds
   # nothing to a token that has no image to look at.
@@ -120,6 +165,7 @@ class XAttnConfig:
 
   def check(self):
     _positive(self, "every", "num_heads", "head_dim", "ff_mult")
+    _require(self.ff_dim >= 0, "ff_dim", "must be >= 0 (0 = ff_mult * d_model)")
     _one_of(self.placement, "placement", ("first", "last"))
     _one_of(self.activation, "activation", ACTIVATIONS)
 

@@ -58,7 +58,7 @@ class GatedCrossAttentionBlock(nn.Module):
       x = x + jnp.tanh(attn_gate).astype(self.dtype) * h
 
     h = LayerNorm(eps=c.ln_eps, name="ff_norm", **kw)(x)
-    h = MLP(c.ff_mult * x.shape[-1], c.activation, name="ff", **kw)(h)
+    h = MLP(c.ff_dim or c.ff_mult * x.shape[-1], c.activation, name="ff", **kw)(h)
     if not c.ff_without_media:
       h = jnp.where(has_media[..., None], h, 0)
     return x + jnp.tanh(ff_gate).astype(self.dtype) * h

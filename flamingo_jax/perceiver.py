@@ -8,7 +8,8 @@ temporal embedding per frame) are read by `num_latents` learned queries:
 
 Keys and values include the latents themselves (paper §2.1 / OpenFlamingo). There are no
 spatial position encodings, so the output shape does not depend on image resolution or
-frame count. Temporal embeddings learned on `max_frames` frames are linearly interpolated
+frame count. When the vision width differs from the resampler's (`dim`) a linear input
+projection comes first. Temporal embeddings learned on `max_frames` frames are linearly interpolated
 when a video has more frames (paper: 8 frames in training, 30 at inference).
 """
 from typing import Any
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from flamingo_jax.config import ResamplerConfig
 from flamingo_jax.layers.attention import Attention
+from flamingo_jax.layers.linear import Dense
 from flamingo_jax.layers.mlp import MLP
 from flamingo_jax.layers.norms import LayerNorm
 
@@ -60,6 +62,9 @@ class PerceiverResampler(nn.Module):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, m, f, v, d = features.shape
+    if c.dim and c.dim != d:
+      features = Dense(c.dim, ("embed", "embed_out"), name="input_proj", **kw)(features)
+      d = c.dim
     if c.max_frames:
       table = self.param("temporal_embedding",
                          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("frames", "embed")),

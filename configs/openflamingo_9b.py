@@ -1,0 +1,25 @@
+"""OpenFlamingo-9B (mlfoundations/open_flamingo v2): CLIP ViT-L/14 + resampler + MPT-7B with
+gated xattn before layer i when (i + 1) % 4 == 0. Load the released weights with
+`flamingo_jax.load_openflamingo`.
+
+  python -m flamingo_jax.summary --config configs/openflamingo_9b.py
+"""
+import ml_collections
+
+from flamingo_jax import presets, trainable
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.model = dict(
+      vision=presets.clip_vit_l14(),
+      resampler=presets.openflamingo_resampler(),
+      lm=presets.mpt(d_model=4096, num_layers=32, num_heads=32),
+      xattn=presets.openflamingo_xattn(every=4),
+      media_token_id=presets.OPENFLAMINGO_MEDIA_TOKEN_ID,
+      eoc_token_id=presets.OPENFLAMINGO_EOC_TOKEN_ID,
+      dtype="bfloat16",
+      remat_policy="full",
+  )
+  config.trainable = trainable.DEFAULT_TRAINABLE
+  return config

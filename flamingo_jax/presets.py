@@ -1,0 +1,87 @@
+"""Model presets that `configs/*.py` compose: the paper's (Tables 4-5) and OpenFlamingo's.
+
+Each function returns a plain dict of `FlamingoConfig` fields. The paper's stated widths
+and its parameter counts do not all agree (see the notes by each preset); where they
+disagree we keep the stated widths, heads and depths and choose the one free size (an FFW
+hidden size) that reproduces the published count, and say so.
+"""
+
+# ---------------------------------------------------------------- vision encoders
+
+def nfnet_f6() -> dict:
+  """Paper: NFNet-F6 (435M, frozen), contrastively pretrained, 320x320 in Flamingo."""
+  return dict(kind="nfnet", variant="F6", image_size=320)
+
+
+def clip_vit_l14() -> dict:
+  """OpenFlamingo: open_clip ViT-L/14 'openai' (QuickGELU), 256 patch tokens, no CLS,
+  no final LayerNorm on the tokens (the behaviour of open_clip <= 2.22 it was trained on)."""
+  return dict(kind="vit", image_size=224, patch_size=14, width=1024, depth=24, num_heads=16,
+              mlp_dim=4096, activation="quick_gelu", keep_cls=False, final_ln_on_tokens=False)
+
+
+# ---------------------------------------------------------------- resamplers
+
+def paper_resampler() -> dict:
+  """6 layers, d 1536, 16 heads x 96, 64 latents, squared ReLU, 8-frame temporal table.
+
+  Departure: with these dims (and the 3072 → 1536 input projection NFNet-F6's output
+  needs) the resampler has 175M parameters, not the stated 194M; no stated width gives 194M.
+  """
+  return dict(dim=1536, depth=6, num_heads=16, head_dim=96, num_latents=64, ff_mult=4,
+              activation="squared_relu", max_frames=8)
+
+
+def openflamingo_resampler() -> dict:
+  """Width = the vision width (1024), 6 layers, 8 heads x 64, 64 latents, GELU."""
+  return dict(depth=6, num_heads=8, head_dim=64, num_latents=64, ff_mult=4, activation="gelu")
+
+
+# ---------------------------------------------------------------- gated xattn
+
+def paper_xattn(every: int, num_heads: int, ff_dim: int) -> dict:
+  """Paper: blocks from the first LM layer, every `every`; key/value size 128; squared ReLU.
+  The block adds nothing to tokens that have no image (φ = 0)."""
+  return dict(every=every, placement="first", num_heads=num_heads, head_dim=128,
+              ff_dim=ff_dim, activation="squared_relu", ff_without_media=False)
+
+
+def openflamingo_xattn(every: int) -> dict:
+  """OpenFlamingo: before layer i when (i + 1) % every == 0; 8 heads x 64 at any LM size;
+  GELU; the FFW runs on every token, media or not."""
+  return dict(every=every, placement="last", num_heads=8, head_dim=64, ff_mult=4,
+              activation="gelu", ff_without_media=True)
+
+
+# ---------------------------------------------------------------- frozen LMs
+
+def chinchilla(d_model: int, num_layers: int, num_heads: int, mlp_dim: int) -> dict:
+  """A Chinchilla-shaped LM on the LLaMA layer (RMSNorm, RoPE, gated FFW), 32k
+  SentencePiece vocabulary, untied head. `mlp_dim` is chosen per size to reproduce the
+  paper's LM parameter count (Chinchilla's own FFW differs from a plain 4·D)."""
+  return dict(family="llama", vocab_size=32000, d_model=d_model, num_layers=num_layers,
+              num_heads=num_heads, mlp_dim=mlp_dim, activation="silu", norm_eps=1e-6,
+              tie_embeddings=False, max_seq_len=2048)
+
+
+# OpenFlamingo's LMs. Vocabulary: the 50,277-token GPT-NeoX tokenizer plus `<|endofchunk|>`,
+# `<image>` and `<PAD>`; OpenFlamingo resizes the embeddings to len(tokenizer) = 50,280.
+OPENFLAMINGO_VOCAB = 50280
+OPENFLAMINGO_MEDIA_TOKEN_ID = 50278  # `<image>`
+OPENFLAMINGO_EOC_TOKEN_ID = 50277  # `<|endofchunk|>`
+
+
+def mpt(d_model: int, num_layers: int, num_heads: int) -> dict:
+  """MPT (mosaicml): ALiBi, bias-free LayerNorm and linears, GELU FFW at 4·D, tied."""
+  return dict(family="mpt", vocab_size=OPENFLAMINGO_VOCAB, d_model=d_model,
+              num_layers=num_layers, num_heads=num_heads, mlp_dim=4 * d_model,
+              activation="gelu", use_bias=False, tie_embeddings=True, alibi_bias_max=8.0,
+              max_seq_len=2048)
+
+
+def redpajama_incite_3b() -> dict:
+  """RedPajama-INCITE-Base-3B-v1 (GPT-NeoX), as in its config.json."""
+  return dict(family="gpt_neox", vocab_size=OPENFLAMINGO_VOCAB, d_model=2560, num_layers=32,
+              num_heads=32, mlp_dim=10240, activation="gelu", use_bias=True,
+              tie_embeddings=False, rotary_pct=1.0, parallel_residual=False,
+              max_seq_len=2048)
