@@ -91,6 +91,11 @@ class NFNetConfig:
   # 'deepmind' (Haiku WSConv2D) by sqrt(max(var * fan_in, 1e-4)).
   weight_standardization: str = "timm"
 
+  def __post_init__(self):
+    # Lists from a ConfigDict / JSON: stored as tuples so the config stays hashable.
+    for name in ("depths", "widths"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+
   def check(self):
     _require(self.variant in [f"F{i}" for i in range(8)], "variant",
              f"{self.variant!r} is not one of F0..F7")
