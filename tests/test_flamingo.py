@@ -1,0 +1,148 @@
+"""Flamingo end to end on the tiny config: gates, image-causal masking, text-only, bad input."""
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.inputs import FlamingoInputError
+from flamingo_jax.lm.decoder import DecoderLM
+from flamingo_jax.model import Flamingo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+
+IMG, EOC = 255, 254
+
+
+def make_config(**overrides) -> FlamingoConfig:
+  model = tiny.get_config().model.to_dict()
+  model.update(overrides)
+  return FlamingoConfig.from_dict(model)
+
+
+CONFIG = make_config()
+# Two rows: text, <image>, text, <image>, text; the second row is right-padded.
+INPUT_IDS = jnp.array([[5, 6, IMG, 7, 8, 9, EOC, IMG, 10, 11, 12, EOC],
+                       [13, IMG, 14, 15, EOC, IMG, 16, 17, EOC, 0, 0, 0]])
+ATTENTION_MASK = (jnp.arange(12)[None] < jnp.array([[12], [9]])).astype(jnp.int32)
+
+
+def images(seed=0, batch=2, media=2, frames=1):
+  return jax.random.normal(jax.random.key(seed), (batch, media, frames, 32, 32, 3))
+
+
+def init(config=CONFIG, gates=0.7):
+  model = Flamingo(config)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), images(), INPUT_IDS, ATTENTION_MASK))["params"]
+  # Non-zero gates, so the xattn blocks act.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.full_like(x, gates) if p[-1].key.endswith("_gate") else x, params)
+  return model, params
+
+
+def without_xattn(lm_params):
+  """The bare LM's params: the same tree less the xattn blocks."""
+  return {k: {n: v for n, v in sub.items() if n != "xattn"} if k in ("groups", "tail") else sub
+          for k, sub in lm_params.items()}
+
+
+@pytest.fixture(scope="module")
+def model_params():
+  return init()
+
+
+def test_zero_gates_equal_the_bare_lm_exactly():
+  model, params = init(gates=0.0)
+  logits = jax.jit(model.apply)({"params": params}, images(), INPUT_IDS, ATTENTION_MASK)
+  bare = jax.jit(DecoderLM(CONFIG, with_xattn=False).apply)(
+      {"params": without_xattn(params["lm"])}, INPUT_IDS, ATTENTION_MASK)
+  np.testing.assert_array_equal(logits, bare)
+
+
+def test_tokens_before_the_first_image_ignore_images(model_params):
+  model, params = model_params
+  a = model.apply({"params": params}, images(0), INPUT_IDS, ATTENTION_MASK)
+  b = model.apply({"params": params}, images(1), INPUT_IDS, ATTENTION_MASK)
+  # Row 0: positions 0-1 precede the first <image>; row 1: position 0.
+  np.testing.assert_array_equal(a[0, :2], b[0, :2])
+  np.testing.assert_array_equal(a[1, :1], b[1, :1])
+  assert not np.allclose(a[0, 2:], b[0, 2:])
+
+
+def test_changing_the_second_image_leaves_tokens_before_it(model_params):
+  model, params = model_params
+  base = images(0)
+  changed = base.at[:, 1].set(images(5)[:, 1])
+  a = model.apply({"params": params}, base, INPUT_IDS, ATTENTION_MASK)
+  b = model.apply({"params": params}, changed, INPUT_IDS, ATTENTION_MASK)
+  np.testing.assert_array_equal(a[0, :7], b[0, :7])  # second <image> of row 0 is at 7
+  assert not np.allclose(a[0, 7:], b[0, 7:])
+
+
+def test_explicit_media_index_next_image_association(model_params):
+  """The paper's p_next mode: text may look at the *next* image; given explicitly."""
+  model, params = model_params
+  media_index = jnp.array([[0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]] * 2)
+  a = model.apply({"params": params}, images(0), INPUT_IDS, ATTENTION_MASK, media_index=media_index)
+  b = model.apply({"params": params}, images(0).at[:, 0].set(images(3)[:, 0]), INPUT_IDS,
+                  ATTENTION_MASK, media_index=media_index)
+  assert not np.allclose(a[0, :2], b[0, :2])  # text before the first <image> now sees image 0
+
+
+def test_text_only_batch(model_params):
+  model, params = model_params
+  text = jnp.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+  logits = model.apply({"params": params}, None, text)
+  assert logits.shape == (2, 4, CONFIG.lm.vocab_size)
+  bare = DecoderLM(CONFIG, with_xattn=False).apply({"params": without_xattn(params["lm"])}, text)
+  np.testing.assert_array_equal(logits, bare)  # no media: the paper's block adds nothing
+
+
+def test_video_frames_and_resolution(model_params):
+  model, params = model_params
+  video = images(0, frames=3)  # 3 frames per media item, temporal embeddings added
+  logits = model.apply({"params": params}, video, INPUT_IDS, ATTENTION_MASK)
+  assert logits.shape == (2, 12, CONFIG.lm.vocab_size) and np.isfinite(logits).all()
+
+
+def test_remat_and_bfloat16_run(model_params):
+  ref_model, params = model_params
+  model = Flamingo(make_config(remat_policy="full"))
+  loss = lambda m: lambda p: m.apply({"params": p}, images(), INPUT_IDS, ATTENTION_MASK).mean()
+  g1 = jax.jit(jax.grad(loss(model)))(params)
+  g2 = jax.jit(jax.grad(loss(ref_model)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+  # Vision features are stop-gradient: the frozen tower gets exactly zero gradient.
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g1["vision"]))
+  bf16 = Flamingo(make_config(dtype="bfloat16"))
+  out = jax.jit(bf16.apply)({"params": params}, images(), INPUT_IDS, ATTENTION_MASK)
+  assert out.dtype == jnp.float32 and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(images=images()[:, :, 0]), "images"),  # rank 5: no frames axis
+    (dict(images=images().astype(jnp.int32)), "images"),
+    (dict(images=jnp.zeros((2, 2, 1, 16, 16, 3))), "images"),  # wrong resolution for the ViT
+    (dict(images=jnp.zeros((2, 2, 1, 32, 32, 1))), "images"),  # channels
+    (dict(images=jnp.zeros((3, 2, 1, 32, 32, 3))), "images"),  # batch
+    (dict(images=images(media=1)), "input_ids"),  # 2 <image> tokens, 1 slot
+    (dict(media_index=jnp.full((2, 12), 2)), "media_index"),  # out of range
+    (dict(media_index=jnp.full((2, 12), -2)), "media_index"),
+    (dict(media_index=jnp.zeros((2, 11), jnp.int32)), "media_index"),
+    (dict(media_mask=jnp.array([[True, False], [True, True]])), "media_index"),  # empty slot used
+    (dict(attention_mask=jnp.ones((2, 11))), "attention_mask"),
+    (dict(input_ids=INPUT_IDS.astype(jnp.float32)), "input_ids"),
+])
+def test_bad_input_names_the_field(model_params, kwargs, field):
+  model, params = model_params
+  args = dict(images=images(), input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK)
+  args.update(kwargs)
+  with pytest.raises(FlamingoInputError, match=f"^{field}:"):
+    model.apply({"params": params}, args.pop("images"), args.pop("input_ids"), **args)
