@@ -18,6 +18,7 @@ def get_config(arg=None):
       xattn=presets.openflamingo_xattn(every=2),
       media_token_id=presets.OPENFLAMINGO_MEDIA_TOKEN_ID,
       eoc_token_id=presets.OPENFLAMINGO_EOC_TOKEN_ID,
+      trainable_token_ids=(presets.OPENFLAMINGO_EOC_TOKEN_ID, presets.OPENFLAMINGO_MEDIA_TOKEN_ID),
       dtype="bfloat16",
       remat_policy="full",
   )

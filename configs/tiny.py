@@ -21,6 +21,7 @@ def get_config(arg=None):
                  activation="squared_relu"),
       media_token_id=255,
       eoc_token_id=254,
+      trainable_token_ids=(254, 255),
   )
   config.trainable = trainable.DEFAULT_TRAINABLE
   return config

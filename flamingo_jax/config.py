@@ -194,6 +194,7 @@ class LMConfig:
   rotary_pct: float = 1.0  # gpt_neox: fraction of head_dim that rotates
   rope_scaling: RopeScaling | None = None
   alibi_bias_max: float = 8.0  # mpt
+  qk_norm: bool = False  # mpt: LayerNorm over the full q and k (MosaicML attn_qk_ln / qk_ln)
   parallel_residual: bool = True  # gpt_neox
   max_seq_len: int = 2048
 
@@ -207,6 +208,8 @@ class LMConfig:
              f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
     _one_of(self.activation, "activation", ACTIVATIONS)
     _require(0.0 < self.rotary_pct <= 1.0, "rotary_pct", "must be in (0, 1]")
+    _require(not self.qk_norm or self.family == "mpt", "qk_norm",
+             "only the mpt family implements it")
     _require(self.rope_dim % 2 == 0, "rotary_pct",
              f"rotary dims {self.rope_dim} (= rotary_pct * head_dim) must be even")
 
@@ -233,6 +236,9 @@ class FlamingoConfig:
   xattn: XAttnConfig
   media_token_id: int = -1  # the `<image>` id; -1 = media index must always be given
   eoc_token_id: int = -1  # `<|endofchunk|>`
+  # Tokens whose embedding (and head) rows train inside the frozen vocabulary, as
+  # separate small parameters (lm/token_rows.py); typically (eoc_token_id, media_token_id).
+  trainable_token_ids: tuple[int, ...] = ()
   dtype: str = "float32"  # activations
   param_dtype: str = "float32"
   remat_policy: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
@@ -253,6 +259,13 @@ class FlamingoConfig:
       _require(-1 <= value < self.lm.vocab_size, name,
                f"{value} is outside the vocabulary (lm.vocab_size={self.lm.vocab_size}); "
                "resize the vocabulary after adding the special tokens")
+    ids = tuple(self.trainable_token_ids)
+    _require(len(set(ids)) == len(ids) and all(0 <= i < self.lm.vocab_size for i in ids),
+             "trainable_token_ids", f"{ids} must be distinct ids in [0, lm.vocab_size="
+             f"{self.lm.vocab_size})")
+
+  def __post_init__(self):
+    object.__setattr__(self, "trainable_token_ids", tuple(self.trainable_token_ids))
 
   @property
   def compute_dtype(self):

@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_in", None),
     ("conv_out", None),
     ("se_hidden", None),
+    ("new_tokens", None),
 )
 
 

@@ -28,7 +28,7 @@ def component(path: str) -> str:
     return top
   if "/xattn/" in path:
     return "xattn"
-  if path.startswith(("lm/embed/", "lm/lm_head/")):
+  if path.startswith(("lm/embed/", "lm/lm_head/", "lm/new_tokens/")):
     return "embeddings"
   return "lm"
 

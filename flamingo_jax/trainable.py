@@ -8,8 +8,9 @@ from typing import Sequence
 
 import jax
 
-# Flamingo's default: the resampler and the gated xattn blocks; vision and LM frozen.
-DEFAULT_TRAINABLE = ("resampler/.*", "lm/.*xattn/.*")
+# Flamingo's default: the resampler, the gated xattn blocks and the new tokens' embedding
+# rows; the vision encoder and the LM frozen.
+DEFAULT_TRAINABLE = ("resampler/.*", "lm/.*xattn/.*", "lm/new_tokens/.*")
 
 
 def path_str(path) -> str:

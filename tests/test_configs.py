@@ -43,6 +43,8 @@ def test_published_parameter_counts(name, total, trainable, tol):
   parts = counts["components"]
   assert parts["vision"]["trainable"] == parts["lm"]["trainable"] == 0
   assert parts["resampler"]["frozen"] == parts["xattn"]["frozen"] == 0
+  # Of the embeddings only the new tokens' rows train (at most 2 rows in and 2 out).
+  assert parts["embeddings"]["trainable"] <= 4 * config.model.lm.d_model
 
 
 def test_vision_towers_match_reference_counts():

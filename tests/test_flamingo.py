@@ -10,6 +10,7 @@ import pytest
 
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.inputs import FlamingoInputError
+from flamingo_jax.lm import token_rows
 from flamingo_jax.lm.decoder import DecoderLM
 from flamingo_jax.model import Flamingo
 
@@ -64,6 +65,28 @@ def test_zero_gates_equal_the_bare_lm_exactly():
   bare = jax.jit(DecoderLM(CONFIG, with_xattn=False).apply)(
       {"params": without_xattn(params["lm"])}, INPUT_IDS, ATTENTION_MASK)
   np.testing.assert_array_equal(logits, bare)
+
+
+def test_new_token_rows_replace_the_frozen_rows(model_params):
+  """<image> / <|endofchunk|> rows train as their own params; filled from the frozen table
+  they reproduce it, and the frozen table's rows for them are then unused."""
+  model, params = model_params
+  lm = params["lm"]
+  plain = Flamingo(make_config(trainable_token_ids=()))
+  plain_params = {**params, "lm": {k: v for k, v in lm.items() if k != "new_tokens"}}
+  expected = jax.jit(plain.apply)({"params": plain_params}, images(), INPUT_IDS, ATTENTION_MASK)
+  rows = token_rows.rows_from_lm(lm, CONFIG.trainable_token_ids, CONFIG.lm.tie_embeddings)
+  filled = {**params, "lm": {**lm, "new_tokens": rows}}
+  apply = jax.jit(model.apply)
+  same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # matmul order
+  same(apply({"params": filled}, images(), INPUT_IDS, ATTENTION_MASK), expected)
+  # Changing the frozen table's rows for those ids changes nothing; changing the new rows does.
+  frozen_rows_changed = {**filled, "lm": {**filled["lm"], "embed": {"embedding": lm["embed"]["embedding"].at[jnp.array(CONFIG.trainable_token_ids)].set(3.0)}}}
+  same(apply({"params": frozen_rows_changed}, images(), INPUT_IDS, ATTENTION_MASK), expected)
+  new_rows_changed = {**filled, "lm": {**filled["lm"], "new_tokens": jax.tree.map(lambda x: x + 1.0, rows)}}
+  out = apply({"params": new_rows_changed}, images(), INPUT_IDS, ATTENTION_MASK)
+  assert not np.allclose(out[:, :, :250], expected[:, :, :250])  # via the embedding
+  assert not np.allclose(out[:, :, 254:], expected[:, :, 254:])  # via the head
 
 
 def test_tokens_before_the_first_image_ignore_images(model_params):

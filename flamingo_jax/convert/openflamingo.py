@@ -32,6 +32,7 @@ import numpy as np
 from flamingo_jax import presets
 from flamingo_jax.config import ConfigError, FlamingoConfig
 from flamingo_jax.convert.state_dict import CheckpointMismatchError, StateDict, check_tree, load
+from flamingo_jax.lm.token_rows import rows_from_lm
 
 # OpenFlamingo's factory: `<|endofchunk|>` and `<image>` as additional special tokens, and
 # `<PAD>` when the tokenizer has no pad token.
@@ -121,6 +122,8 @@ def flamingo_config(vision_fields: Mapping, lm_fields: Mapping, tokenizer,
       xattn=presets.openflamingo_xattn(cross_attn_every_n_layers),
       media_token_id=_token_id(tokenizer, IMAGE),
       eoc_token_id=_token_id(tokenizer, ENDOFCHUNK),
+      # The two rows OpenFlamingo trains, as their own params (see lm/token_rows.py).
+      trainable_token_ids=(_token_id(tokenizer, ENDOFCHUNK), _token_id(tokenizer, IMAGE)),
       dtype=dtype, param_dtype=param_dtype))
 
 
@@ -346,6 +349,7 @@ def load_openflamingo(checkpoint: str, vision: str, lm: str, tokenizer, *,
                     "--tokenizer the one it was trained with?")
     raise CheckpointMismatchError("\n".join(errors))
 
+  top["new_tokens"] = rows_from_lm(top, config.trainable_token_ids, config.lm.tie_embeddings)
   params = {"vision": vision_params, "resampler": resampler,
             "lm": {**top, **stack_layers(config, lm_layers, xattn)}}
   # The per-layer trees are views of the loaded tensors: drop them before the dtype cast.

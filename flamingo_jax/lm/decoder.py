@@ -8,6 +8,7 @@ remaining layers form one unscanned tail group.
 
 Parameter layout (what `stack_layers` builds from per-layer trees):
   embed/embedding, final_norm/..., lm_head/kernel (untied only),
+  new_tokens/{embedding, head} (only with `trainable_token_ids`; see token_rows.py),
   groups/layer_{k}/...   leading axis = group index   (HF layer g * every + k)
   groups/xattn/...       leading axis = group index
   tail/layer_{k}/..., tail/xattn/...                  (only when a tail exists)
@@ -24,6 +25,7 @@ from flamingo_jax import lm as lm_families
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
 from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense
+from flamingo_jax.lm.token_rows import NewTokenRows
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -126,6 +128,11 @@ class DecoderLM(nn.Module):
     embed = nn.Embed(c.lm.vocab_size, c.lm.d_model, name="embed", **kw,
                      embedding_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("vocab", "embed")))
     x = embed(input_ids)
+    new_tokens = None
+    if c.trainable_token_ids:
+      new_tokens = NewTokenRows(c.trainable_token_ids, c.lm.d_model, c.lm.tie_embeddings,
+                                name="new_tokens", **kw)
+      x = new_tokens.embed(input_ids, x)
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
     if attention_mask is None:
@@ -165,4 +172,6 @@ class DecoderLM(nn.Module):
       logits = embed.attend(x)
     else:
       logits = Dense(c.lm.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
+    if new_tokens is not None:
+      logits = new_tokens.logits(x, logits)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
