@@ -14,7 +14,7 @@ def get_config(arg=None):
   config.model = dict(
       vision=presets.clip_vit_l14(),
       resampler=presets.openflamingo_resampler(),
-      lm=presets.mpt(d_model=2048, num_layers=24, num_heads=16),
+      lm=presets.mpt(d_model=2048, num_layers=24, num_heads=16, qk_norm=True),
       xattn=presets.openflamingo_xattn(every=1),
       media_token_id=presets.OPENFLAMINGO_MEDIA_TOKEN_ID,
       eoc_token_id=presets.OPENFLAMINGO_EOC_TOKEN_ID,

@@ -71,12 +71,13 @@ OPENFLAMINGO_MEDIA_TOKEN_ID = 50278  # `<image>`
 OPENFLAMINGO_EOC_TOKEN_ID = 50277  # `<|endofchunk|>`
 
 
-def mpt(d_model: int, num_layers: int, num_heads: int) -> dict:
-  """MPT (mosaicml): ALiBi, bias-free LayerNorm and linears, GELU FFW at 4·D, tied."""
+def mpt(d_model: int, num_layers: int, num_heads: int, qk_norm: bool = False) -> dict:
+  """MPT (mosaicml): ALiBi, bias-free LayerNorm and linears, GELU FFW at 4·D, tied.
+  `qk_norm`: MPT-1B (MosaicGPT) LayerNorms q and k; MPT-7B does not."""
   return dict(family="mpt", vocab_size=OPENFLAMINGO_VOCAB, d_model=d_model,
               num_layers=num_layers, num_heads=num_heads, mlp_dim=4 * d_model,
               activation="gelu", use_bias=False, tie_embeddings=True, alibi_bias_max=8.0,
-              max_seq_len=2048)
+              qk_norm=qk_norm, max_seq_len=2048)
 
 
 def redpajama_incite_3b() -> dict:

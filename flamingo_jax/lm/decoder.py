@@ -26,6 +26,7 @@ from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
 from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense
 from flamingo_jax.lm.token_rows import NewTokenRows
+from flamingo_jax.layers.scan import scan
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -159,7 +160,7 @@ class DecoderLM(nn.Module):
     if c.remat_policy != "none":
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     if lay.num_groups:
-      scanned = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
+      scanned = scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast,) * len(args), length=lay.num_groups,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(c, lay.group_size, xattn_at, name="groups")(x, *args)

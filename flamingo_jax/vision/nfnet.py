@@ -26,6 +26,7 @@ import numpy as np
 from flamingo_jax.config import NFNetConfig
 from flamingo_jax.layers import activations
 from flamingo_jax.layers.linear import Dense
+from flamingo_jax.layers.scan import scan
 
 # Gamma: 1 / std(act(z)) for z ~ N(0, 1), from DeepMind's nfnets code (also used by timm).
 GAMMA = {
@@ -189,7 +190,7 @@ class NFStage(nn.Module):
     x = NFBlock(self.config, self.out_ch, self.stride, name="block_0", **kw)(
         x, betas[0], drop_rates[0])
     if betas.shape[0] > 1:
-      blocks = nn.scan(_ScannedBlock, variable_axes={"params": 0},
+      blocks = scan(_ScannedBlock, variable_axes={"params": 0},
                        split_rngs={"params": True, "dropout": True}, length=betas.shape[0] - 1,
                        metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = blocks(self.config, self.out_ch, 1, name="blocks", **kw)(x, (betas[1:], drop_rates[1:]))

@@ -20,6 +20,7 @@ from flamingo_jax.config import ViTConfig
 from flamingo_jax.layers.attention import Attention
 from flamingo_jax.layers.mlp import MLP
 from flamingo_jax.layers.norms import LayerNorm
+from flamingo_jax.layers.scan import scan
 
 
 class ViTBlock(nn.Module):
@@ -73,7 +74,7 @@ class ViT(nn.Module):
     x = LayerNorm(eps=c.ln_eps, name="ln_pre", **kw)(x)
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
-    blocks = nn.scan(ViTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+    blocks = scan(ViTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                      length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = blocks(c, name="blocks", **kw)(x, None)
 
