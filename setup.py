@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "pillow==13.0.0",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
+    "matplotlib==3.10.8",  # the loss-curve PNG train.py writes
 ]
 
 # PyTorch is needed only to read .pt/.bin checkpoints and for the parity tests. Pinned

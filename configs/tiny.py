@@ -1,14 +1,14 @@
-"""A tiny Flamingo that runs in seconds on a CPU: for tests and smoke runs.
+"""A tiny Flamingo that trains in seconds on a CPU: for tests and smoke runs.
 
+  python train.py --config configs/tiny.py --workdir /tmp/tiny
   python -m flamingo_jax.summary --config configs/tiny.py
 """
-import ml_collections
-
-from flamingo_jax import trainable
+from flamingo_jax.data import synthetic
+from flamingo_jax.train import config as train_config
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
+  config = train_config.defaults()
   config.model = dict(
       vision=dict(kind="vit", image_size=32, patch_size=8, width=32, depth=2, num_heads=2,
                   mlp_dim=64, activation="gelu"),
@@ -19,9 +19,14 @@ def get_config(arg=None):
               max_seq_len=128),
       xattn=dict(every=2, placement="first", num_heads=2, head_dim=16, ff_mult=2,
                  activation="squared_relu"),
-      media_token_id=255,
-      eoc_token_id=254,
-      trainable_token_ids=(254, 255),
+      media_token_id=synthetic.MEDIA_TOKEN_ID,
+      eoc_token_id=synthetic.EOC_TOKEN_ID,
+      trainable_token_ids=(synthetic.EOC_TOKEN_ID, synthetic.MEDIA_TOKEN_ID),
   )
-  config.trainable = trainable.DEFAULT_TRAINABLE
+  config.data.synthetic = dict(source="synthetic", batch_size=8, weight=1.0)
+  config.total_steps = 20
+  config.log_every = 5
+  config.checkpoint_every = 10
+  config.optimizer.lr = 1e-3
+  config.optimizer.warmup_steps = 5
   return config

@@ -2,21 +2,22 @@
 
 Every parameter is created with logical axis names (`embed`, `heads`, `mlp`, `layers`,
 …) and activations carry `act_*` constraints; one rule table maps names to the mesh axes
-`data`, `fsdp` and `tensor` (maxtext style). A name mapped to None is replicated.
+`slice`, `data`, `fsdp` and `tensor` (maxtext style). A name mapped to None is replicated.
 """
-from typing import Sequence
+from typing import Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("slice", "data", "fsdp", "tensor")
+BATCH_AXES = ("slice", "data", "fsdp")  # the batch is split over all but `tensor`
 
 # Defaults: FSDP over the model width, Megatron-style tensor parallelism over heads and
 # the FFW hidden size, the batch over data and fsdp.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", BATCH_AXES),
     ("act_len", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
@@ -42,17 +43,41 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int], devices=None, axis_names: Sequence[str] = MESH_AXES) -> Mesh:
-  """A mesh of `shape` (one size per axis name) over `devices` (default: all)."""
-  devices = jax.devices() if devices is None else devices
+def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+  """A mesh with axes `MESH_AXES` of the given sizes (one may be -1: the rest) over
+  `devices` (default: all). With slice > 1, slices are the outer (DCN) axis."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {name: int(sizes.get(name, 1)) for name in MESH_AXES}
+  known = int(np.prod([v for v in sizes.values() if v != -1]))
+  for name, v in sizes.items():
+    if v == -1:
+      sizes[name] = len(devices) // known if known and len(devices) % known == 0 else 0
+  shape = tuple(sizes[name] for name in MESH_AXES)
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {tuple(shape)} ({dict(zip(axis_names, shape))}) needs "
-                     f"{int(np.prod(shape))} devices, there are {len(devices)}; change the "
-                     "mesh sizes so their product is the device count")
+    raise ValueError(f"mesh {sizes} needs {int(np.prod(shape))} devices, there are "
+                     f"{len(devices)}; change config.mesh so the product of its sizes is the "
+                     "device count (or set one axis to -1)")
+  if sizes["slice"] > 1:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (1,) + shape[1:], (sizes["slice"], 1, 1, 1), devices=devices)
+  else:
+    grid = np.asarray(devices).reshape(shape)
   # Auto axes: logical constraints are sharding hints, not assertions (jax >= 0.7 defaults
   # make_mesh to Explicit axes).
-  return Mesh(np.asarray(devices).reshape(tuple(shape)), tuple(axis_names),
-              axis_types=(AxisType.Auto,) * len(shape))
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over slice × data × fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def rules(overrides=()) -> tuple:
+  """DEFAULT_RULES with `overrides` ((name, axes) pairs) taking precedence."""
+  overrides = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in overrides)
+  names = {name for name, _ in overrides}
+  return overrides + tuple(r for r in DEFAULT_RULES if r[0] not in names)
 
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):

@@ -68,20 +68,15 @@ def format_table(counts: dict) -> str:
   return "\n".join(rows)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-
-
 def main(argv):
   del argv
-  cfg = _CONFIG.value
+  cfg = flags.FLAGS.config
   counts = count(FlamingoConfig.from_dict(cfg.model), tuple(cfg.trainable))
-  if _JSON.value:
-    print(json.dumps(counts))
-  else:
-    print(format_table(counts))
+  print(json.dumps(counts) if flags.FLAGS.json else format_table(counts))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run as a program: the module is also a library
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
   flags.mark_flag_as_required("config")
   app.run(main)

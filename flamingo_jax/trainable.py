@@ -24,8 +24,22 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
+def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
+  if isinstance(patterns, str):
+    raise TypeError(f"trainable patterns must be a sequence of regexes, got the string {patterns!r}")
+  return [re.compile(p) for p in patterns]
+
+
+def matches(compiled: Sequence[re.Pattern], path: str) -> bool:
+  return any(p.fullmatch(path) for p in compiled)
+
+
+def tree_map_paths(fn, tree):
+  """`jax.tree.map` whose `fn(path, leaf)` gets the '/'-joined path string."""
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_str(path), leaf), tree)
+
+
 def trainable_mask(params, patterns: Sequence[str] = DEFAULT_TRAINABLE):
   """A tree of bools shaped like `params`: True where the parameter trains."""
-  compiled = [re.compile(p) for p in patterns]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(p.fullmatch(path_str(path)) for p in compiled), params)
+  compiled = compile_patterns(patterns)
+  return tree_map_paths(lambda path, _: matches(compiled, path), params)

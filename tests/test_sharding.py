@@ -36,8 +36,13 @@ def test_every_parameter_has_logical_axis_names_with_a_rule(name):
 
 
 def test_mesh_that_does_not_fit_names_the_fix():
-  with pytest.raises(ValueError, match="product is the device count"):
-    sharding.make_mesh((3, 1, 2))
+  with pytest.raises(ValueError, match="config.mesh"):
+    sharding.make_mesh(dict(data=3, fsdp=1, tensor=2))
+
+
+def test_mesh_fills_the_minus_one_axis():
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=2, tensor=2))
+  assert dict(mesh.shape) == dict(slice=1, data=2, fsdp=2, tensor=2)
 
 
 def test_sharded_forward_equals_single_device():
@@ -51,7 +56,7 @@ def test_sharded_forward_equals_single_device():
       lambda p, x: x + 0.5 if "gate" in jax.tree_util.keystr(p) else x, params)
   expected = jax.jit(model.apply)(params, images, ids)
 
-  mesh = sharding.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   abstract = jax.eval_shape(model.init, jax.random.key(1), images, ids)
   shardings = nn.unbox(sharding.param_shardings(abstract, mesh))
   sharded = jax.device_put(params, shardings)

@@ -1,0 +1,1 @@
+"""Training: trainable/frozen partition, optimizer, update step, checkpoints, metrics."""

@@ -1,0 +1,79 @@
+"""Orbax checkpoints of the train state, the data iterators' state and a manifest.
+
+Frozen weights are not copied into checkpoints: the manifest records where they came
+from and a fingerprint, and resuming onto different frozen weights is refused. Restoring
+takes an abstract state whose leaves carry shardings, so a checkpoint written on one mesh
+restores onto another.
+"""
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class FrozenWeightsMismatch(RuntimeError):
+  pass
+
+
+def fingerprint(frozen) -> str:
+  """A checksum of the frozen weights: shapes, dtypes and an exact strided sample of each
+  leaf's values (no arithmetic, so it does not depend on the mesh or device kind)."""
+  h = hashlib.sha256()
+
+  @jax.jit
+  def sample(x):
+    flat = x.reshape(-1)
+    stride = max(flat.shape[0] // 4096, 1)
+    return flat[::stride][:4096]
+
+  for path, leaf in jax.tree_util.tree_leaves_with_path(frozen):
+    h.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype}".encode())
+    h.update(np.asarray(sample(leaf)).tobytes())
+  return h.hexdigest()[:32]
+
+
+class Checkpointer:
+  """Asynchronous keep-N checkpoints under `directory` (e.g. WORKDIR/checkpoints)."""
+
+  def __init__(self, directory: str, keep: int = 3):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, manifest: dict, force: bool = False):
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        manifest=ocp.args.JsonSave(manifest)), force=force)
+
+  def restore(self, step: int, abstract_state, frozen_fingerprint: str):
+    """(state, data_state, manifest) at `step`; refuses other frozen weights."""
+    manifest = self.manager.restore(step, args=ocp.args.Composite(
+        manifest=ocp.args.JsonRestore()))["manifest"]
+    if manifest.get("frozen_fingerprint") != frozen_fingerprint:
+      raise FrozenWeightsMismatch(
+          f"checkpoint step {step} was trained on frozen weights "
+          f"{manifest.get('frozen_source')!r} (fingerprint {manifest.get('frozen_fingerprint')}), "
+          f"but this run's frozen weights have fingerprint {frozen_fingerprint}. Resume with "
+          "the same frozen weights, or start in a new workdir.")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"], manifest
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with the given shardings: the target of a restore."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s),
+                      tree, shardings)

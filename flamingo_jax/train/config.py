@@ -1,0 +1,76 @@
+"""Training configuration: the paper's recipe as defaults, checked before anything compiles.
+
+A config file (`configs/NAME.py`) starts from `defaults()`, sets `model`, `data` and
+whatever else differs, and can be overridden on the command line:
+
+  python train.py --config configs/tiny.py --workdir /tmp/run --config.total_steps=10
+"""
+import ml_collections
+
+from flamingo_jax import trainable
+from flamingo_jax.config import ConfigError, FlamingoConfig
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()
+  c.trainable = trainable.DEFAULT_TRAINABLE
+  c.init = ""  # '' = random init from `seed`; else a directory written by flamingo_jax.convert
+  c.frozen_dtype = "bfloat16"  # paper: frozen weights stored and applied in bf16
+  c.seed = 0
+  c.total_steps = 500_000
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.optimizer = dict(
+      lr=1e-4, warmup_steps=5000, decay="constant",  # linear warm-up, then constant
+      weight_decay=0.1, no_weight_decay=("resampler/.*",),  # paper: none on the resampler
+      grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8)
+  # Datasets of one update: name -> dict(source=..., batch_size=..., weight=λ, **source args).
+  c.data = ml_collections.ConfigDict()
+  c.accumulation = "all"  # paper: gradients of all datasets in every update; or 'round_robin'
+  c.microbatches = 1  # split each dataset's batch to save memory; same gradient
+  # Mesh axis sizes; -1 takes the remaining devices. `slice` spans multi-slice (DCN) pods.
+  c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
+  c.sharding_rules = ()  # (logical name, mesh axes) pairs that override sharding.DEFAULT_RULES
+  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  c.max_nonfinite_in_row = 20
+  c.peak_flops_per_device = 0.0  # 0 = from the device kind (measured on CPU)
+  c.eval = ml_collections.ConfigDict(dict(kind=""))  # '' = none; 'synthetic_fewshot'
+  return c
+
+
+def check(config) -> FlamingoConfig:
+  """Validates the whole config; returns the model config. Every error names its field."""
+  def require(cond, field, message):
+    if not cond:
+      raise ConfigError(f"{field}: {message}")
+
+  model = FlamingoConfig.from_dict(config.model)
+  trainable.compile_patterns(tuple(config.trainable))
+  for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "microbatches",
+               "max_nonfinite_in_row"):
+    require(int(config[name]) > 0, name, f"must be a positive integer, got {config[name]!r}")
+  opt = config.optimizer
+  require(opt.lr > 0, "optimizer.lr", f"must be > 0, got {opt.lr}")
+  require(opt.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+  require(opt.decay in ("constant", "cosine"), "optimizer.decay", "choose 'constant' or 'cosine'")
+  require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+  require(config.accumulation in ("all", "round_robin"), "accumulation",
+          f"{config.accumulation!r}: choose 'all' or 'round_robin'")
+  require(config.frozen_dtype in ("float32", "bfloat16", "float16"), "frozen_dtype",
+          f"{config.frozen_dtype!r}: choose float32, bfloat16 or float16")
+  require(len(config.data) > 0, "data", "no dataset; add e.g. config.data.NAME = dict(source=..., "
+          "batch_size=..., weight=...)")
+  for name, d in config.data.items():
+    require("source" in d, f"data.{name}.source", "missing (e.g. 'synthetic')")
+    require(int(d.get("batch_size", 0)) > 0, f"data.{name}.batch_size", "must be a positive integer")
+    require(float(d.get("weight", 1.0)) > 0, f"data.{name}.weight", "must be > 0")
+    require(int(d.batch_size) % config.microbatches == 0, f"data.{name}.batch_size",
+            f"{d.batch_size} is not divisible by microbatches={config.microbatches}")
+  mesh = dict(config.mesh)
+  require(set(mesh) == {"slice", "data", "fsdp", "tensor"}, "mesh",
+          f"needs exactly the axes slice, data, fsdp, tensor; got {sorted(mesh)}")
+  require(sum(v == -1 for v in mesh.values()) <= 1, "mesh", "at most one axis may be -1")
+  require(all(v == -1 or v > 0 for v in mesh.values()), "mesh", "sizes must be positive or -1")
+  return model

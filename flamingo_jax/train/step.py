@@ -1,0 +1,106 @@
+"""The update step: weighted losses over several datasets, gradients of the trainable
+subtree only, accumulated over datasets and micro-batches, skipped when not finite.
+
+Train state (a plain dict, big_vision style):
+  step                 int32   updates attempted (a skipped update still counts)
+  params               the trainable subtree (float32)
+  opt                  optax state of `params` only
+  rng                  PRNG key
+  nonfinite_total      int32   updates skipped because loss or gradient were not finite
+  nonfinite_in_row     int32   consecutive skipped updates (the loop stops past a limit)
+Frozen params are a separate argument, closed over by the loss, never differentiated.
+"""
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flamingo_jax.train import partition
+
+BATCH_KEYS = ("images", "media_mask", "input_ids", "attention_mask", "media_index",
+              "targets", "loss_mask")
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
+  """(sum of loss_mask-weighted token NLLs, sum of loss_mask), in float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def init_state(params, optimizer: optax.GradientTransformation, rng) -> dict:
+  zero = jnp.zeros((), jnp.int32)
+  return dict(step=zero, params=params, opt=optimizer.init(params), rng=rng,
+              nonfinite_total=zero, nonfinite_in_row=zero)
+
+
+def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict:
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by microbatches={n}")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation,
+                    weights: Mapping[str, float], microbatches: int = 1):
+  """`step(state, frozen, batches) -> (state, metrics)`; `batches` maps dataset name → batch.
+
+  Every dataset in `batches` contributes `weight * mean token loss` to one update (the
+  paper's accumulation over all datasets); pass a single dataset for round-robin.
+  """
+
+  def loss_fn(trainable, frozen, batch, count, rng):
+    params = partition.merge(trainable, frozen)
+    logits = model.apply({"params": params}, batch.get("images"), batch["input_ids"],
+                         batch.get("attention_mask"), media_mask=batch.get("media_mask"),
+                         media_index=batch.get("media_index"), rngs={"dropout": rng})
+    total, _ = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    # Divided by the whole batch's token count, so micro-batch losses add up to the mean.
+    return total / jnp.maximum(count, 1.0)
+
+  value_and_grad = jax.value_and_grad(loss_fn)
+
+  def step(state, frozen, batches):
+    params = state["params"]
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    grads = jax.tree.map(jnp.zeros_like, params)
+    metrics, total_loss = {}, 0.0
+    for i, (name, batch) in enumerate(sorted(batches.items())):
+      batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+      count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+      weight = weights[name]
+
+      def accumulate(carry, micro, rng=jax.random.fold_in(rng, i), count=count, weight=weight):
+        g_sum, loss_sum = carry
+        loss, g = value_and_grad(params, frozen, micro, count, rng)
+        return (jax.tree.map(lambda a, b: a + weight * b, g_sum, g), loss_sum + loss), None
+
+      # Micro-batches run one after another under scan: memory of one, gradient of all.
+      (grads, loss), _ = jax.lax.scan(accumulate, (grads, jnp.zeros((), jnp.float32)),
+                                      _microbatches(batch, microbatches))
+      metrics[f"loss/{name}"] = loss
+      metrics[f"loss_tokens/{name}"] = count
+      total_loss = total_loss + weight * loss
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    skipped = (~finite).astype(jnp.int32)
+    new_state = dict(
+        step=state["step"] + 1,
+        params=keep(new_params, params),
+        opt=keep(new_opt, state["opt"]),
+        rng=state["rng"],
+        nonfinite_total=state["nonfinite_total"] + skipped,
+        nonfinite_in_row=jnp.where(finite, 0, state["nonfinite_in_row"] + 1),
+    )
+    metrics.update(loss=total_loss, grad_norm=grad_norm, skipped=skipped,
+                   nonfinite_total=new_state["nonfinite_total"])
+    return new_state, metrics
+
+  return step
