@@ -85,7 +85,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
       metrics[f"loss_tokens/{name}"] = count
       total_loss = total_loss + weight * loss
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)

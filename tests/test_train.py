@@ -1,0 +1,192 @@
+"""train.py on the tiny config: what trains, meshes, exact resumption, preemption, NaNs."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.traverse_util as tu
+import jax
+import numpy as np
+import pytest
+
+from flamingo_jax.data import sources
+from flamingo_jax.train import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train as train_lib  # noqa: E402
+
+
+def tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.log_every = 1
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def flat(tree):
+  return tu.flatten_dict(jax.device_get(tree), sep="/")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """10 steps on an 8-way data mesh; the other tests compare against it."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = train_lib.train(tiny_config(total_steps=10), workdir)
+  return workdir, result
+
+
+def test_only_trainable_parameters_change(reference_run, tmp_path):
+  _, result = reference_run
+  config = tiny_config()
+  # The initial parameters, from the same seed, before any update.
+  init = train_lib.train(tiny_config(total_steps=1, **{"optimizer.lr": 1e-30}), str(tmp_path))
+  trained, frozen = flat(result["state"]["params"]), flat(result["frozen"])
+  initial_trainable, initial_frozen = flat(init["state"]["params"]), flat(init["frozen"])
+  assert set(frozen) == set(initial_frozen)
+  for k in frozen:  # bitwise unchanged
+    np.testing.assert_array_equal(frozen[k], initial_frozen[k], err_msg=k)
+  assert all(k.startswith(("resampler/", "lm/new_tokens/")) or "/xattn/" in k for k in trained)
+  assert not any(k.startswith(("vision/", "lm/embed/")) for k in trained)
+  # The <image> / <|endofchunk|> rows trained; the frozen embedding table did not.
+  assert not np.allclose(trained["lm/new_tokens/embedding"], initial_trainable["lm/new_tokens/embedding"])
+  assert frozen["lm/embed/embedding"].dtype == np.dtype(config.frozen_dtype)
+  assert trained["lm/new_tokens/embedding"].dtype == np.float32
+
+
+def test_optimizer_state_has_no_frozen_leaf(reference_run):
+  _, result = reference_run
+  trainable_shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(result["state"]["params"])}
+  frozen_paths = set(flat(result["frozen"]))
+  n_trainable = len(jax.tree.leaves(result["state"]["params"]))
+  opt_leaves = jax.tree_util.tree_leaves_with_path(result["state"]["opt"])
+  big = [(jax.tree_util.keystr(p), x) for p, x in opt_leaves if np.ndim(x) > 0]
+  assert len(big) == 2 * n_trainable  # Adam's two moments, nothing else
+  for path, x in big:
+    assert tuple(np.shape(x)) in trainable_shapes
+    assert not any(f.replace("/", "']['") in path for f in frozen_paths), path
+
+
+@pytest.mark.parametrize("mesh,devices", [
+    (dict(slice=1, data=1, fsdp=1, tensor=1), 1),
+    (dict(slice=1, data=1, fsdp=2, tensor=4), 8),
+])
+def test_meshes_give_the_same_losses(reference_run, tmp_path, mesh, devices):
+  workdir, _ = reference_run
+  train_lib.train(tiny_config(total_steps=10, mesh=mesh), str(tmp_path), devices=jax.devices()[:devices])
+  ours, ref = losses(str(tmp_path)), losses(workdir)
+  np.testing.assert_allclose([ours[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],
+                             rtol=2e-3)
+
+
+def test_restore_onto_a_different_mesh(reference_run, tmp_path):
+  """Train 5 steps on 8-way data parallelism, resume on fsdp × tensor: the same losses."""
+  workdir, _ = reference_run
+  train_lib.train(tiny_config(total_steps=5, checkpoint_every=5), str(tmp_path))
+  train_lib.train(tiny_config(total_steps=10, mesh=dict(slice=1, data=1, fsdp=2, tensor=4)),
+                  str(tmp_path))
+  ours, ref = losses(str(tmp_path)), losses(workdir)
+  np.testing.assert_allclose([ours[s] for s in range(1, 11)], [ref[s] for s in range(1, 11)],
+                             rtol=2e-3)
+
+
+def _run_train(workdir, *overrides):
+  return subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+       "--workdir", workdir, "--config.log_every=1", *overrides],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+
+
+def _wait_for(condition, proc, timeout=300):
+  start = time.time()
+  while not condition():
+    if proc.poll() is not None:
+      raise AssertionError(f"train.py exited early:\n{proc.stdout.read()}")
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.005)
+
+
+def test_crash_and_resume_is_bitwise_exact(reference_run, tmp_path):
+  """kill -9 after the step-5 checkpoint, resume: parameters equal the straight run's."""
+  _, straight = reference_run
+  workdir = str(tmp_path)
+  proc = _run_train(workdir, "--config.total_steps=100000", "--config.checkpoint_every=5")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  _wait_for(lambda: checkpoint.Checkpointer(ckpt_dir).latest_step() is not None, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  latest = checkpoint.Checkpointer(ckpt_dir).latest_step()
+  assert latest is not None and latest < 10, latest
+  resumed = train_lib.train(tiny_config(total_steps=10, checkpoint_every=5), workdir)
+  for k, v in flat(straight["state"]["params"]).items():
+    np.testing.assert_array_equal(flat(resumed["state"]["params"])[k], v, err_msg=k)
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed["state"]["opt"])),
+                  jax.tree.leaves(jax.device_get(straight["state"]["opt"]))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  workdir = str(tmp_path)
+  proc = _run_train(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000")
+  _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+            and len(losses(workdir)) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  latest = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
+  assert latest is not None and latest >= 3
+
+
+def test_resume_refuses_other_frozen_weights(tmp_path):
+  train_lib.train(tiny_config(total_steps=2), str(tmp_path))
+  with pytest.raises(checkpoint.FrozenWeightsMismatch, match="frozen weights"):
+    train_lib.train(tiny_config(total_steps=4, seed=1), str(tmp_path))
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
+  build = sources.build
+
+  def poisoned(*args, **kwargs):
+    it = build(*args, **kwargs)
+    batch_at = it.batch_at
+
+    def with_nan(step):
+      batch = batch_at(step)
+      if step == 2:
+        batch["images"] = np.full_like(batch["images"], np.nan)
+      return batch
+    it.batch_at = with_nan
+    return it
+  monkeypatch.setattr(sources, "build", poisoned)
+  result = train_lib.train(tiny_config(total_steps=6), str(tmp_path))
+  metrics = [json.loads(l) for l in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+  assert [m["skipped"] for m in metrics] == [0, 0, 1, 0, 0, 0]
+  assert metrics[-1]["nonfinite_total"] == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(result["state"]["params"]))
+  assert np.isfinite(metrics[-1]["loss"])
+
+
+def test_config_mistakes_are_reported_before_compiling(tmp_path):
+  from flamingo_jax.config import ConfigError
+  for overrides, field in [({"optimizer.lr": -1.0}, "optimizer.lr"),
+                           ({"accumulation": "sometimes"}, "accumulation"),
+                           ({"model.xattn.every": 9}, "xattn.every"),
+                           ({"data.synthetic.batch_size": 0}, "data.synthetic.batch_size")]:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+      train_lib.train(tiny_config(**overrides), str(tmp_path))
+  with pytest.raises(ValueError, match="config.mesh"):
+    train_lib.train(tiny_config(mesh=dict(slice=1, data=3, fsdp=1, tensor=1)), str(tmp_path))
