@@ -24,7 +24,7 @@ from flamingo_jax.lm import token_rows
 from flamingo_jax.model import Flamingo
 from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, optimizer as optim
 from flamingo_jax.train import partition, step as step_lib
-from flamingo_jax.train.config import check
+from flamingo_jax.train.config import check, check_against_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
@@ -111,6 +111,7 @@ def train(config, workdir: str, devices=None) -> dict:
   # ---- mesh
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   rules = sharding.rules(config.sharding_rules)
+  check_against_mesh(config, mesh)
   logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
 
   # ---- data: one iterator per dataset; this process loads its share of each batch

@@ -13,6 +13,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
   sys.modules.setdefault(_name, types.ModuleType(_name))
 
+# Many tests build the same programs (train.py runs, subprocesses included): a persistent
+# compilation cache turns repeated XLA compiles into lookups. Results are unaffected.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/flamingo_jax_test_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import jax  # noqa: E402
 
 # Parity tests compare float32 against PyTorch: no reduced-precision matmul passes.

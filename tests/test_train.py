@@ -190,3 +190,27 @@ def test_config_mistakes_are_reported_before_compiling(tmp_path):
       train_lib.train(tiny_config(**overrides), str(tmp_path))
   with pytest.raises(ValueError, match="config.mesh"):
     train_lib.train(tiny_config(mesh=dict(slice=1, data=3, fsdp=1, tensor=1)), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"data\.synthetic\.batch_size: 4 does not split"):
+    train_lib.train(tiny_config(**{"data.synthetic.batch_size": 4}), str(tmp_path))
+
+
+def test_microbatches_give_the_same_update(reference_run, tmp_path):
+  workdir, _ = reference_run
+  train_lib.train(tiny_config(total_steps=10, microbatches=2), str(tmp_path))
+  ours, ref = losses(str(tmp_path)), losses(workdir)
+  np.testing.assert_allclose([ours[s] for s in range(1, 11)], [ref[s] for s in range(1, 11)],
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize("accumulation", ["all", "round_robin"])
+def test_several_datasets_with_weights(tmp_path, accumulation):
+  config = tiny_config(total_steps=4, accumulation=accumulation)
+  config.data.paired = dict(source="synthetic", batch_size=16, weight=0.2, seed=7)
+  train_lib.train(config, str(tmp_path))
+  metrics = [json.loads(l) for l in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+  if accumulation == "all":  # every update sees both, loss = Σ λ · loss
+    for m in metrics:
+      assert m["loss"] == pytest.approx(m["loss/synthetic"] + 0.2 * m["loss/paired"], rel=1e-5)
+  else:  # alternate, in name order
+    assert ["loss/paired" in m for m in metrics] == [True, False, True, False]
+    assert ["loss/synthetic" in m for m in metrics] == [False, True, False, True]

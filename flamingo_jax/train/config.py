@@ -74,3 +74,14 @@ def check(config) -> FlamingoConfig:
   require(sum(v == -1 for v in mesh.values()) <= 1, "mesh", "at most one axis may be -1")
   require(all(v == -1 or v > 0 for v in mesh.values()), "mesh", "sizes must be positive or -1")
   return model
+
+
+def check_against_mesh(config, mesh) -> None:
+  """Checks that need the device count: every batch splits evenly over the batch axes."""
+  shards = mesh.shape["slice"] * mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, d in config.data.items():
+    if int(d.batch_size) % shards:
+      raise ConfigError(
+          f"data.{name}.batch_size: {d.batch_size} does not split over the {shards} batch "
+          f"shards of the mesh (slice × data × fsdp = {dict(mesh.shape)}); use a multiple of "
+          f"{shards} or change config.mesh")
