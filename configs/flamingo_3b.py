@@ -4,9 +4,8 @@ layer, every 1.
 
   python -m flamingo_jax.summary --config configs/flamingo_3b.py
 """
-import ml_collections
-
-from flamingo_jax import presets, trainable
+from flamingo_jax import presets
+from flamingo_jax.train import config as train_config
 
 # Measured with flamingo_jax.summary: total 3.233B (paper 3.2B), trainable 1.395B
 # (paper 1.2B xattn + 194M resampler). Departures: the xattn FFW hidden size is 8832
@@ -15,14 +14,7 @@ from flamingo_jax import presets, trainable
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.model = dict(
-      vision=presets.nfnet_f6(),
-      resampler=presets.paper_resampler(),
-      lm=presets.chinchilla(d_model=2048, num_layers=24, num_heads=16, mlp_dim=5888),
-      xattn=presets.paper_xattn(every=1, num_heads=16, ff_dim=8832),
-      dtype="bfloat16",
-      remat_policy="full",
-  )
-  config.trainable = trainable.DEFAULT_TRAINABLE
+  config = train_config.defaults()
+  config.model = presets.flamingo(d_model=2048, num_layers=24, num_heads=16,
+                                  lm_mlp_dim=5888, every=1, xattn_ff_dim=8832)
   return config

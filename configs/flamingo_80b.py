@@ -4,9 +4,8 @@ layer, every 7.
 
   python -m flamingo_jax.summary --config configs/flamingo_80b.py
 """
-import ml_collections
-
-from flamingo_jax import presets, trainable
+from flamingo_jax import presets
+from flamingo_jax.train import config as train_config
 
 # Measured with flamingo_jax.summary: total 80.69B (paper 80B), trainable 10.19B
 # (paper 10B xattn + 194M resampler). Departures: the xattn FFW hidden size is 41216
@@ -15,14 +14,7 @@ from flamingo_jax import presets, trainable
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.model = dict(
-      vision=presets.nfnet_f6(),
-      resampler=presets.paper_resampler(),
-      lm=presets.chinchilla(d_model=8192, num_layers=80, num_heads=64, mlp_dim=24448),
-      xattn=presets.paper_xattn(every=7, num_heads=64, ff_dim=41216),
-      dtype="bfloat16",
-      remat_policy="full",
-  )
-  config.trainable = trainable.DEFAULT_TRAINABLE
+  config = train_config.defaults()
+  config.model = presets.flamingo(d_model=8192, num_layers=80, num_heads=64,
+                                  lm_mlp_dim=24448, every=7, xattn_ff_dim=41216)
   return config

@@ -4,9 +4,8 @@ layer, every 4.
 
   python -m flamingo_jax.summary --config configs/flamingo_9b.py
 """
-import ml_collections
-
-from flamingo_jax import presets, trainable
+from flamingo_jax import presets
+from flamingo_jax.train import config as train_config
 
 # Measured with flamingo_jax.summary: total 9.335B (paper 9.3B), trainable 1.800B
 # (paper 1.6B xattn + 194M resampler). Departures: the xattn FFW hidden size is 14208
@@ -15,14 +14,7 @@ from flamingo_jax import presets, trainable
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.model = dict(
-      vision=presets.nfnet_f6(),
-      resampler=presets.paper_resampler(),
-      lm=presets.chinchilla(d_model=4096, num_layers=40, num_heads=32, mlp_dim=8448),
-      xattn=presets.paper_xattn(every=4, num_heads=32, ff_dim=14208),
-      dtype="bfloat16",
-      remat_policy="full",
-  )
-  config.trainable = trainable.DEFAULT_TRAINABLE
+  config = train_config.defaults()
+  config.model = presets.flamingo(d_model=4096, num_layers=40, num_heads=32,
+                                  lm_mlp_dim=8448, every=4, xattn_ff_dim=14208)
   return config

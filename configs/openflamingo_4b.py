@@ -4,23 +4,11 @@ gated xattn before layer i when (i + 1) % 2 == 0. Load the released weights with
 
   python -m flamingo_jax.summary --config configs/openflamingo_4b.py
 """
-import ml_collections
-
-from flamingo_jax import presets, trainable
+from flamingo_jax import presets
+from flamingo_jax.train import config as train_config
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.model = dict(
-      vision=presets.clip_vit_l14(),
-      resampler=presets.openflamingo_resampler(),
-      lm=presets.redpajama_incite_3b(),
-      xattn=presets.openflamingo_xattn(every=2),
-      media_token_id=presets.OPENFLAMINGO_MEDIA_TOKEN_ID,
-      eoc_token_id=presets.OPENFLAMINGO_EOC_TOKEN_ID,
-      trainable_token_ids=(presets.OPENFLAMINGO_EOC_TOKEN_ID, presets.OPENFLAMINGO_MEDIA_TOKEN_ID),
-      dtype="bfloat16",
-      remat_policy="full",
-  )
-  config.trainable = trainable.DEFAULT_TRAINABLE
+  config = train_config.defaults()
+  config.model = presets.openflamingo(presets.redpajama_incite_3b(), every=2)
   return config

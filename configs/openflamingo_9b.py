@@ -4,23 +4,12 @@ gated xattn before layer i when (i + 1) % 4 == 0. Load the released weights with
 
   python -m flamingo_jax.summary --config configs/openflamingo_9b.py
 """
-import ml_collections
-
-from flamingo_jax import presets, trainable
+from flamingo_jax import presets
+from flamingo_jax.train import config as train_config
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.model = dict(
-      vision=presets.clip_vit_l14(),
-      resampler=presets.openflamingo_resampler(),
-      lm=presets.mpt(d_model=4096, num_layers=32, num_heads=32),
-      xattn=presets.openflamingo_xattn(every=4),
-      media_token_id=presets.OPENFLAMINGO_MEDIA_TOKEN_ID,
-      eoc_token_id=presets.OPENFLAMINGO_EOC_TOKEN_ID,
-      trainable_token_ids=(presets.OPENFLAMINGO_EOC_TOKEN_ID, presets.OPENFLAMINGO_MEDIA_TOKEN_ID),
-      dtype="bfloat16",
-      remat_policy="full",
-  )
-  config.trainable = trainable.DEFAULT_TRAINABLE
+  config = train_config.defaults()
+  mpt_7b = presets.mpt(d_model=4096, num_layers=32, num_heads=32)
+  config.model = presets.openflamingo(mpt_7b, every=4)
   return config

@@ -86,3 +86,33 @@ def redpajama_incite_3b() -> dict:
               num_heads=32, mlp_dim=10240, activation="gelu", use_bias=True,
               tie_embeddings=False, rotary_pct=1.0, parallel_residual=False,
               max_seq_len=2048)
+
+
+# ---------------------------------------------------------------- whole models
+
+def flamingo(*, d_model: int, num_layers: int, num_heads: int, lm_mlp_dim: int, every: int,
+             xattn_ff_dim: int) -> dict:
+  """The paper's models: NFNet-F6, its resampler, a Chinchilla-shaped LM, bf16 activations."""
+  return dict(
+      vision=nfnet_f6(),
+      resampler=paper_resampler(),
+      lm=chinchilla(d_model=d_model, num_layers=num_layers, num_heads=num_heads, mlp_dim=lm_mlp_dim),
+      xattn=paper_xattn(every=every, num_heads=num_heads, ff_dim=xattn_ff_dim),
+      dtype="bfloat16",
+      remat_policy="full",
+  )
+
+
+def openflamingo(lm: dict, every: int) -> dict:
+  """OpenFlamingo v2: CLIP ViT-L/14, its resampler, `lm` with xattn every `every` layers."""
+  return dict(
+      vision=clip_vit_l14(),
+      resampler=openflamingo_resampler(),
+      lm=lm,
+      xattn=openflamingo_xattn(every=every),
+      media_token_id=OPENFLAMINGO_MEDIA_TOKEN_ID,
+      eoc_token_id=OPENFLAMINGO_EOC_TOKEN_ID,
+      trainable_token_ids=(OPENFLAMINGO_EOC_TOKEN_ID, OPENFLAMINGO_MEDIA_TOKEN_ID),
+      dtype="bfloat16",
+      remat_policy="full",
+  )
