@@ -103,8 +103,11 @@ def train(config, workdir: str, devices=None) -> dict:
   `devices`: the mesh's devices (default: all)."""
   # ---- config (every mistake is reported here, before anything compiles)
   model_config = check(config)
-  if config.distributed:
-    jax.distributed.initialize()
+  if config.distributed.enabled:
+    d = config.distributed
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU clusters only
+    jax.distributed.initialize(d.coordinator_address or None, d.num_processes or None,
+                               None if d.process_id < 0 else d.process_id)
   process, processes = jax.process_index(), jax.process_count()
   os.makedirs(workdir, exist_ok=True)
 

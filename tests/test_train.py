@@ -214,3 +214,25 @@ def test_several_datasets_with_weights(tmp_path, accumulation):
   else:  # alternate, in name order
     assert ["loss/paired" in m for m in metrics] == [True, False, True, False]
     assert ["loss/synthetic" in m for m in metrics] == [False, True, False, True]
+
+
+def test_two_processes_train_like_one(reference_run, tmp_path):
+  """Multi-host: 2 processes × 4 CPU devices, each loading its half of every batch,
+  reproduce the single-process 8-device losses."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path)
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+       "--workdir", workdir, "--config.total_steps=10", "--config.log_every=1",
+       "--config.distributed.enabled=True", f"--config.distributed.coordinator_address=localhost:{port}",
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  ours, ref = losses(workdir), losses(reference_run[0])
+  np.testing.assert_allclose([ours[s] for s in range(1, 11)], [ref[s] for s in range(1, 11)],
+                             rtol=2e-3)

@@ -33,7 +33,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Mesh axis sizes; -1 takes the remaining devices. `slice` spans multi-slice (DCN) pods.
   c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
   c.sharding_rules = ()  # (logical name, mesh axes) pairs that override sharding.DEFAULT_RULES
-  c.distributed = False  # call jax.distributed.initialize() (multi-host)
+  # Multi-host: jax.distributed.initialize(). Empty fields are auto-detected (TPU pods,
+  # SLURM, ...); set them for a hand-made cluster (e.g. several CPU processes).
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.max_nonfinite_in_row = 20
   c.peak_flops_per_device = 0.0  # 0 = from the device kind (measured on CPU)
   c.eval = ml_collections.ConfigDict(dict(kind=""))  # '' = none; 'synthetic_fewshot'
