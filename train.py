@@ -76,7 +76,7 @@ def save_loss_plot(workdir: str) -> None:
   plt.close(fig)
 
 
-def evaluate(config, model, params, workdir: str) -> dict | None:
+def evaluate(config, model, params, workdir: str, write: bool = True) -> dict | None:
   """The config's held-out evaluation (the demo's 0- vs 4-shot accuracy)."""
   if config.eval.kind != "synthetic_fewshot":
     return None
@@ -92,9 +92,10 @@ def evaluate(config, model, params, workdir: str) -> dict | None:
     accuracy[str(shots)] = r["accuracy"]
     chance = r["chance"]
   result = {"accuracy": accuracy, "chance": chance, "episodes": int(config.eval.episodes)}
-  print("held-out accuracy:", json.dumps(result), flush=True)
-  with open(os.path.join(workdir, "demo_results.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  if write:
+    print("held-out accuracy:", json.dumps(result), flush=True)
+    with open(os.path.join(workdir, "demo_results.json"), "w") as f:
+      json.dump(result, f, indent=1)
   return result
 
 
@@ -197,7 +198,9 @@ def train(config, workdir: str, devices=None) -> dict:
                  mfu=step_flops[group] / step_time / (mesh.size * peak))
         writer.write(done, m)
         window_start, window_steps, tokens = time.perf_counter(), 0, 0.0
-      if int(state["nonfinite_in_row"]) >= config.max_nonfinite_in_row:
+      # Reading the counter waits for the step: do it only now and then, not every step.
+      check_now = done % min(config.log_every, config.max_nonfinite_in_row) == 0
+      if check_now and int(state["nonfinite_in_row"]) >= config.max_nonfinite_in_row:
         raise NonFiniteLossError(
             f"{int(state['nonfinite_in_row'])} updates in a row had a non-finite loss or "
             f"gradient (max_nonfinite_in_row={config.max_nonfinite_in_row}); lower "
@@ -215,10 +218,11 @@ def train(config, workdir: str, devices=None) -> dict:
     signal.signal(signal.SIGTERM, previous)
 
   result = {"step": int(state["step"]), "preempted": stop["signal"] is not None}
-  if stop["signal"] is None and process == 0:
-    save_loss_plot(workdir)
+  if stop["signal"] is None:
+    if process == 0:
+      save_loss_plot(workdir)
     params = partition.merge(state["params"], partition.cast(frozen, jnp.float32))
-    result["eval"] = evaluate(config, model, params, workdir)
+    result["eval"] = evaluate(config, model, params, workdir, write=process == 0)
   result["state"], result["frozen"] = state, frozen
   return result
 
