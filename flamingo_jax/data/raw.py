@@ -1,0 +1,437 @@
+"""Readers of the raw training sources users have, as generators of clean records.
+
+Every record carries a stable id — `file:line` for jsonl/csv, `tarfile:key` for
+WebDataset shards — used as its storage key and in every error message. A record (or,
+inside an MMC4 document, an image) that cannot be used is skipped and counted by reason
+in a `Skips`; with `strict=True` the first failure raises `RawDataError` naming the file
+and record instead.
+
+Kinds and the records they yield (images are re-encoded image bytes, never pixels):
+  mmc4        {"id", "sentences": [str], "images": [bytes], "image_sentence": int32[N]
+               (MMC4's matched_text_index), "image_sim": float32[N] (matched_sim),
+               "similarity": float32[N * S] (the image × sentence similarity matrix,
+               row-major, when the document has one; else empty)}
+  webdataset  {"id", "image": bytes, "caption": str}     (tar shards: KEY.jpg + KEY.txt/.json)
+  pairs       {"id", "image": bytes, "caption": str}     (jsonl or csv of image path, caption)
+  video       {"id", "frames": [bytes], "caption": str}  (video files via PyAV: `num_frames`
+               frames at `fps`; or a folder of frame images)
+
+Skip reasons (the keys of `Skips.counts`): invalid_utf8, bad_json, bad_csv, missing_field,
+empty_text, image_missing, image_corrupt, no_usable_image (mmc4), text_index_out_of_range
+(mmc4), missing_image / missing_caption (webdataset: a key without one of its members),
+tar_error, video_unreadable, video_no_frames. For mmc4, image_missing, image_corrupt and
+text_index_out_of_range count *images* dropped from a document; the other reasons count
+records.
+"""
+import base64
+import binascii
+import collections
+import csv
+import glob
+import io
+import json
+import os
+import tarfile
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "gif")
+
+
+class RawDataError(ValueError):
+  """A bad raw record in strict mode; the message names the file and the record."""
+
+  def __init__(self, record_id: str, reason: str, detail: str = ""):
+    self.record_id, self.reason = record_id, reason
+    super().__init__(f"{record_id}: {reason}" + (f": {detail}" if detail else ""))
+
+
+class Skips:
+  """Counts of skipped records by reason; raises on the first one when `strict`."""
+
+  def __init__(self, strict: bool = False):
+    self.strict = strict
+    self.counts: collections.Counter = collections.Counter()
+
+  def __call__(self, record_id: str, reason: str, detail: str = "") -> None:
+    if self.strict:
+      raise RawDataError(record_id, reason, detail)
+    self.counts[reason] += 1
+
+  def as_dict(self) -> dict:
+    return dict(sorted(self.counts.items()))
+
+
+class _Bad(Exception):
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(detail)
+    self.reason, self.detail = reason, detail
+
+
+# ---------------------------------------------------------------------------------------
+# Images.
+
+def encode_image(data: bytes, *, max_size: int = 0, fmt: str = "jpeg", quality: int = 95) -> bytes:
+  """Decodes `data` fully (so a truncated or corrupt file fails here, not in training),
+  converts to RGB, shrinks so the longer side is <= max_size (0: never), re-encodes."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      im = im.convert("RGB")
+  except Exception as e:  # PIL raises many types for bad data
+    raise _Bad("image_corrupt", f"{type(e).__name__}: {e}") from None
+  return _encode_pil(im, max_size=max_size, fmt=fmt, quality=quality)
+
+
+def _encode_pil(im: Image.Image, *, max_size: int, fmt: str, quality: int) -> bytes:
+  if max_size and max(im.size) > max_size:
+    scale = max_size / max(im.size)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                   Image.BICUBIC)
+  out = io.BytesIO()
+  if fmt == "jpeg":
+    im.save(out, format="JPEG", quality=quality)
+  elif fmt == "png":
+    im.save(out, format="PNG")
+  else:
+    raise ValueError(f"image format {fmt!r}: 'jpeg' or 'png'")
+  return out.getvalue()
+
+
+def _read_file(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise _Bad("image_missing", f"{path}: {e.strerror or e}") from None
+
+
+def _resolve(path: str, base_dir: str) -> str:
+  return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Line-oriented files (jsonl, csv): bytes → UTF-8 → rows, each with its `file:line` id.
+
+def expand_inputs(inputs: str | Iterable[str], exts: tuple[str, ...]) -> list[str]:
+  """Files named by a path, a directory (its files with one of `exts`, sorted) or a glob."""
+  paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+  out = []
+  for p in map(str, paths):
+    if os.path.isdir(p):
+      out += sorted(os.path.join(p, f) for f in os.listdir(p)
+                    if f.lower().rsplit(".", 1)[-1] in exts)
+    elif any(c in p for c in "*?["):
+      out += sorted(glob.glob(p))
+    elif os.path.exists(p):
+      out.append(p)
+    else:
+      raise FileNotFoundError(f"input {p!r} does not exist")
+  if not out:
+    raise FileNotFoundError(f"no input files ({', '.join(exts)}) in {paths}")
+  return out
+
+
+def _jsonl_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      rid = f"{path}:{n}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        skip(rid, "invalid_utf8", str(e))
+        continue
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        skip(rid, "bad_json", str(e))
+        continue
+      if not isinstance(row, dict):
+        skip(rid, "bad_json", f"expected an object, got {type(row).__name__}")
+        continue
+      yield rid, row
+
+
+def _csv_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  header = None
+  for n, raw in enumerate(lines, 1):
+    rid = f"{path}:{n}"
+    try:
+      line = raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+      if header is None:
+        raise RawDataError(rid, "invalid_utf8", f"in the csv header: {e}") from None
+      skip(rid, "invalid_utf8", str(e))
+      continue
+    if not line.strip():
+      continue
+    try:
+      cells = next(csv.reader([line]))
+    except csv.Error as e:
+      skip(rid, "bad_csv", str(e))
+      continue
+    if header is None:
+      header = cells
+      continue
+    if len(cells) != len(header):
+      skip(rid, "bad_csv", f"{len(cells)} cells, the header has {len(header)}")
+      continue
+    yield rid, dict(zip(header, cells))
+
+
+def table_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
+  return _csv_rows(path, skip) if path.lower().endswith(".csv") else _jsonl_rows(path, skip)
+
+
+def _text_field(row: dict, names: tuple[str, ...]) -> str:
+  for k in names:
+    if k in row:
+      v = row[k]
+      if not isinstance(v, str):
+        raise _Bad("missing_field", f"{k!r} is a {type(v).__name__}, not a string")
+      if not v.strip():
+        raise _Bad("empty_text", f"{k!r} is empty")
+      return v
+  raise _Bad("missing_field", f"none of {list(names)} in the record")
+
+
+# ---------------------------------------------------------------------------------------
+# MMC4.
+
+def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = None,
+              max_image_size: int = 0, image_format: str = "jpeg") -> Iterator[dict]:
+  """MMC4 documents (jsonl shards): `text_list`, `image_info` [{`matched_text_index`,
+  `matched_sim`, and `image_name` (relative to images_dir, default: the shard's folder)
+  or `image_base64`}], optionally `similarity_matrix` [images][sentences]."""
+  skip = skip if skip is not None else Skips()
+  for path in expand_inputs(inputs, ("jsonl", "json")):
+    base = images_dir or os.path.dirname(path)
+    for rid, doc in _jsonl_rows(path, skip):
+      try:
+        yield _mmc4_doc(rid, doc, base, skip, max_image_size, image_format)
+      except _Bad as e:
+        skip(rid, e.reason, e.detail)
+
+
+def _mmc4_doc(rid, doc, base, skip, max_image_size, image_format) -> dict:
+  sentences, infos = doc.get("text_list"), doc.get("image_info")
+  if not isinstance(sentences, list) or not isinstance(infos, list):
+    raise _Bad("missing_field", "needs lists 'text_list' and 'image_info'")
+  if not all(isinstance(s, str) for s in sentences):
+    raise _Bad("missing_field", "'text_list' holds a non-string")
+  if not any(s.strip() for s in sentences):
+    raise _Bad("empty_text", "every sentence is empty")
+  sim_matrix = doc.get("similarity_matrix")
+  images, sentence_of, sims, sim_rows = [], [], [], []
+  for j, info in enumerate(infos):
+    iid = f"{rid}: image {j}"
+    try:
+      if not isinstance(info, dict):
+        raise _Bad("missing_field", "image_info entry is not an object")
+      t = info.get("matched_text_index")
+      if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < len(sentences):
+        raise _Bad("text_index_out_of_range",
+                   f"matched_text_index={t!r}, the document has {len(sentences)} sentences")
+      if info.get("image_base64") is not None or info.get("base64") is not None:
+        try:
+          data = base64.b64decode(info.get("image_base64") or info.get("base64"), validate=True)
+        except (binascii.Error, TypeError, ValueError) as e:
+          raise _Bad("image_corrupt", f"bad base64: {e}") from None
+      elif isinstance(info.get("image_name"), str):
+        data = _read_file(_resolve(info["image_name"], base))
+      else:
+        raise _Bad("image_missing", "neither 'image_name' nor 'image_base64'")
+      encoded = encode_image(data, max_size=max_image_size, fmt=image_format)
+    except _Bad as e:
+      skip(iid, e.reason, e.detail)
+      continue
+    images.append(encoded)
+    sentence_of.append(t)
+    sims.append(float(info.get("matched_sim", 1.0)))
+    if isinstance(sim_matrix, list) and j < len(sim_matrix):
+      sim_rows.append(sim_matrix[j])
+  if not images:
+    raise _Bad("no_usable_image", f"none of its {len(infos)} images could be used")
+  similarity = np.zeros((0,), np.float32)
+  if isinstance(sim_matrix, list) and len(sim_rows) == len(images):
+    try:
+      m = np.asarray(sim_rows, np.float32)
+      if m.shape == (len(images), len(sentences)):
+        similarity = m.reshape(-1)
+    except (TypeError, ValueError):
+      pass  # a malformed matrix: fall back to matched_text_index
+  return {"id": rid, "sentences": sentences, "images": images,
+          "image_sentence": np.asarray(sentence_of, np.int32),
+          "image_sim": np.asarray(sims, np.float32), "similarity": similarity}
+
+
+# ---------------------------------------------------------------------------------------
+# WebDataset shards of image-text pairs.
+
+def _wds_key(name: str) -> tuple[str, str]:
+  """'dir/000123.jpg' → ('dir/000123', 'jpg'); the key ends at the basename's first dot."""
+  d, b = os.path.split(name)
+  stem, _, ext = b.partition(".")
+  return os.path.join(d, stem) if d else stem, ext.lower()
+
+
+def read_webdataset(inputs, *, skip: Skips | None = None, caption_fields=("caption", "text"),
+                    max_image_size: int = 0, image_format: str = "jpeg") -> Iterator[dict]:
+  """Pairs from WebDataset tar shards. Members are grouped by key as WebDataset does
+  (consecutive members sharing a key); a group's image is only ever paired with the
+  caption of the same group, from KEY.txt or a caption field of KEY.json."""
+  skip = skip if skip is not None else Skips()
+  for path in expand_inputs(inputs, ("tar",)):
+    for rid, members in _tar_groups(path, skip):
+      try:
+        yield _wds_pair(rid, members, caption_fields, max_image_size, image_format)
+      except _Bad as e:
+        skip(rid, e.reason, e.detail)
+
+
+def _tar_groups(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
+  key, members = None, {}
+  try:
+    with tarfile.open(path, "r:*") as tar:
+      for m in tar:
+        if not m.isfile():
+          continue
+        k, ext = _wds_key(m.name)
+        if k != key:
+          if key is not None:
+            yield f"{path}:{key}", members
+          key, members = k, {}
+        f = tar.extractfile(m)
+        members[ext] = f.read() if f is not None else b""
+  except (tarfile.TarError, OSError, EOFError) as e:
+    skip(f"{path}:{key or '<start>'}", "tar_error", f"{type(e).__name__}: {e}")
+    return  # what follows a broken tar cannot be located reliably
+  if key is not None:
+    yield f"{path}:{key}", members
+
+
+def _wds_pair(rid, members, caption_fields, max_image_size, image_format) -> dict:
+  image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+  if image_ext is None:
+    raise _Bad("missing_image", f"members {sorted(members)} hold no image")
+  if "txt" in members:
+    try:
+      caption = members["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise _Bad("invalid_utf8", f".txt: {e}") from None
+    if not caption.strip():
+      raise _Bad("empty_text", ".txt is empty")
+  elif "json" in members:
+    try:
+      meta = json.loads(members["json"].decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise _Bad("invalid_utf8", f".json: {e}") from None
+    except json.JSONDecodeError as e:
+      raise _Bad("bad_json", f".json: {e}") from None
+    if not isinstance(meta, dict):
+      raise _Bad("bad_json", ".json is not an object")
+    caption = _text_field(meta, tuple(caption_fields))
+  else:
+    raise _Bad("missing_caption", f"members {sorted(members)} hold no .txt or .json")
+  return {"id": rid, "image": encode_image(members[image_ext], max_size=max_image_size,
+                                           fmt=image_format), "caption": caption}
+
+
+# ---------------------------------------------------------------------------------------
+# A folder of images + a jsonl or csv of (image path, caption).
+
+def read_pairs(inputs, *, images_dir: str | None = None, skip: Skips | None = None,
+               image_fields=("image", "image_path", "file", "filename", "path"),
+               caption_fields=("caption", "text"), max_image_size: int = 0,
+               image_format: str = "jpeg") -> Iterator[dict]:
+  skip = skip if skip is not None else Skips()
+  for path in expand_inputs(inputs, ("jsonl", "json", "csv")):
+    base = images_dir or os.path.dirname(path)
+    for rid, row in table_rows(path, skip):
+      try:
+        image_path = _text_field(row, tuple(image_fields))
+        caption = _text_field(row, tuple(caption_fields))
+        data = _read_file(_resolve(image_path, base))
+        yield {"id": rid, "image": encode_image(data, max_size=max_image_size, fmt=image_format),
+               "caption": caption}
+      except _Bad as e:
+        skip(rid, e.reason, e.detail)
+
+
+# ---------------------------------------------------------------------------------------
+# Video–text: a jsonl or csv of (video file or folder of frames, caption).
+
+def sample_video(path: str, *, num_frames: int = 8, fps: float = 1.0) -> list[Image.Image]:
+  """Up to `num_frames` frames at `fps`: the first frame at or after t = 0, 1/fps, 2/fps, …
+  (fewer when the video is shorter). Raises _Bad('video_unreadable') for what PyAV cannot
+  open or decode."""
+  import av  # PyAV; imported here so the other kinds work without it
+  frames: list[Image.Image] = []
+  try:
+    with av.open(path) as container:
+      if not container.streams.video:
+        raise _Bad("video_unreadable", "no video stream")
+      stream = container.streams.video[0]
+      tb = stream.time_base
+      next_t = 0.0
+      for frame in container.decode(stream):
+        t = float(frame.pts * tb) if frame.pts is not None and tb is not None else frame.time
+        if t is None:
+          t = next_t
+        if t + 1e-6 >= next_t:
+          frames.append(frame.to_image())
+          next_t += 1.0 / fps
+          if len(frames) == num_frames:
+            break
+  except _Bad:
+    raise
+  except Exception as e:  # av.error.* and OSError for unreadable or corrupt files
+    raise _Bad("video_unreadable", f"{type(e).__name__}: {e}") from None
+  return frames
+
+
+def frame_folder(path: str, *, num_frames: int = 8) -> list[bytes]:
+  """The folder's images in name order; when there are more than `num_frames`, that many
+  evenly spaced ones (the folder is taken to hold frames already sampled in time)."""
+  names = sorted(n for n in os.listdir(path) if n.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
+  if len(names) > num_frames:
+    names = [names[i] for i in np.linspace(0, len(names) - 1, num_frames).round().astype(int)]
+  return [_read_file(os.path.join(path, n)) for n in names]
+
+
+def read_video(inputs, *, videos_dir: str | None = None, skip: Skips | None = None,
+               video_fields=("video", "video_path", "frames", "path", "file"),
+               caption_fields=("caption", "text"), num_frames: int = 8, fps: float = 1.0,
+               max_image_size: int = 0, image_format: str = "jpeg") -> Iterator[dict]:
+  skip = skip if skip is not None else Skips()
+  for path in expand_inputs(inputs, ("jsonl", "json", "csv")):
+    base = videos_dir or os.path.dirname(path)
+    for rid, row in table_rows(path, skip):
+      try:
+        video = _resolve(_text_field(row, tuple(video_fields)), base)
+        caption = _text_field(row, tuple(caption_fields))
+        if os.path.isdir(video):
+          frames = [encode_image(b, max_size=max_image_size, fmt=image_format)
+                    for b in frame_folder(video, num_frames=num_frames)]
+        elif os.path.exists(video):
+          frames = [_encode_pil(im.convert("RGB"), max_size=max_image_size, fmt=image_format,
+                                quality=95)
+                    for im in sample_video(video, num_frames=num_frames, fps=fps)]
+        else:
+          raise _Bad("video_unreadable", f"{video} does not exist")
+        if not frames:
+          raise _Bad("video_no_frames", f"{video} gave no frames")
+        yield {"id": rid, "frames": frames, "caption": caption}
+      except _Bad as e:
+        skip(rid, e.reason, e.detail)
+
+
+READERS = {"mmc4": read_mmc4, "webdataset": read_webdataset, "pairs": read_pairs,
+           "video": read_video}

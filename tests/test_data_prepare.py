@@ -1,0 +1,289 @@
+"""Raw sources → prepared TFDS array_record datasets → training batches.
+
+Every input is a tiny file written here. An id is encoded both in an image's pixels
+(a solid colour: red and green are ID_STEP times its base-20 digits) and in its text ("caption number {id}"), so any
+image paired with another record's text is caught.
+"""
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flamingo_jax.data import prepare, prepared, raw
+
+ID_STEP = 12
+
+
+def colour(i: int) -> tuple:
+  assert 0 <= i < 400
+  return (ID_STEP * (i % 20), ID_STEP * (i // 20), 128)
+
+
+def id_of_pixels(rgb) -> int:
+  """rgb: uint8-range [..., 3] pixels of one solid image."""
+  r, g = (int(round(np.asarray(rgb, np.float64)[..., c].mean() / ID_STEP)) for c in (0, 1))
+  return r + 20 * g
+
+
+def jpeg(i: int, size=(24, 20)) -> bytes:
+  out = io.BytesIO()
+  Image.new("RGB", size, colour(i)).save(out, format="JPEG", quality=95)
+  return out.getvalue()
+
+
+def id_of_image_bytes(data: bytes) -> int:
+  return id_of_pixels(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def caption(i: int) -> str:
+  return f"caption number {i}"
+
+
+def write(path, data: bytes | str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+  return str(path)
+
+
+def jsonl(rows) -> bytes:
+  return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows)
+
+
+def run_cli(capsys, *argv):
+  assert prepare.main([str(a) for a in argv]) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  return json.loads(last)
+
+
+# ---------------------------------------------------------------------------------------
+# Raw inputs.
+
+def make_pairs(d):
+  """images 0..7; pairs.jsonl with good rows 0..3 and bad rows; pairs.csv with 4..7."""
+  for i in range(8):
+    write(f"{d}/img/{i}.jpg", jpeg(i))
+  write(f"{d}/img/corrupt.jpg", jpeg(99)[:40])
+  rows = [{"image": f"img/{i}.jpg", "caption": caption(i)} for i in range(4)]
+  rows += [{"image": "img/missing.jpg", "caption": "x"},          # image_missing
+           {"image": "img/corrupt.jpg", "caption": "x"},          # image_corrupt
+           {"image": "img/0.jpg", "caption": "  "},               # empty_text
+           {"image": "img/0.jpg"},                                # missing_field
+           b'{"image": "img/0.jpg", "caption": "caf\xe9"}',       # invalid_utf8
+           b"{not json"]                                          # bad_json
+  write(f"{d}/pairs.jsonl", jsonl(rows))
+  lines = ["image,caption"] + [f"img/{i}.jpg,{caption(i)}" for i in range(4, 8)]
+  lines += ["img/missing.jpg,x", "img/1.jpg,a,b"]  # image_missing, bad_csv
+  write(f"{d}/pairs.csv", "\n".join(lines) + "\n")
+  return [f"{d}/pairs.jsonl", f"{d}/pairs.csv"]
+
+
+PAIRS_SKIPPED = {"image_missing": 2, "image_corrupt": 1, "empty_text": 1, "missing_field": 1,
+                 "invalid_utf8": 1, "bad_json": 1, "bad_csv": 1}
+
+
+def make_webdataset(d):
+  """Two shards; keys 0..5 good; a mismatched pair of members, a corrupt image, bad UTF-8."""
+  def shard(path, members):
+    with tarfile.open(path, "w") as tar:
+      for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+  os.makedirs(d, exist_ok=True)
+  shard(f"{d}/shard-000.tar", [
+      ("s/000.jpg", jpeg(0)), ("s/000.txt", caption(0).encode()),
+      ("s/001.json", json.dumps({"caption": caption(1)}).encode()), ("s/001.jpg", jpeg(1)),
+      ("s/002.jpg", jpeg(2)), ("s/002.txt", caption(2).encode()),
+      ("s/050.jpg", jpeg(50)),                  # no caption of its own: missing_caption …
+      ("s/051.txt", caption(50).encode()),      # … and this text's key has no image
+      ("s/052.jpg", jpeg(52)[:50]), ("s/052.txt", b"truncated image"),  # image_corrupt
+  ])
+  shard(f"{d}/shard-001.tar", [
+      ("s/003.jpg", jpeg(3)), ("s/003.txt", caption(3).encode()),
+      ("s/053.jpg", jpeg(53)), ("s/053.txt", b"caf\xe9"),  # invalid_utf8
+      ("s/004.png", _png(4)), ("s/004.json", json.dumps({"text": caption(4)}).encode()),
+      ("s/005.jpg", jpeg(5)), ("s/005.txt", caption(5).encode()),
+  ])
+  return d
+
+
+def _png(i):
+  out = io.BytesIO()
+  Image.new("RGB", (20, 30), colour(i)).save(out, format="PNG")
+  return out.getvalue()
+
+
+WDS_SKIPPED = {"missing_caption": 1, "missing_image": 1, "image_corrupt": 1, "invalid_utf8": 1}
+
+
+def make_mmc4(d):
+  """Documents 0..3 usable; the bad cases each once. Image k of doc i has id 10 i + k,
+  and sentence j of doc i says `caption(10 i + j)`."""
+  def doc(i, n_sent, images, **extra):
+    return dict({"text_list": [caption(10 * i + j) for j in range(n_sent)],
+                 "image_info": images}, **extra)
+  def img(i, k, j, b64=False):
+    write(f"{d}/images/{10 * i + k}.jpg", jpeg(10 * i + k))
+    info = {"matched_text_index": j, "matched_sim": 0.3}
+    if b64:
+      info["image_base64"] = base64.b64encode(jpeg(10 * i + k)).decode()
+    else:
+      info["image_name"] = f"{10 * i + k}.jpg"
+    return info
+  docs = [
+      doc(0, 3, [img(0, 0, 0), img(0, 1, 2)]),
+      doc(1, 2, [img(1, 0, 1, b64=True)],
+          similarity_matrix=[[0.1, 0.4]]),
+      doc(2, 4, [img(2, 0, 3), {"matched_text_index": 9, "image_name": "0.jpg"}]),  # index out of range
+      doc(3, 2, [img(3, 0, 0), {"matched_text_index": 1, "image_name": "nope.jpg"},  # image_missing
+                 {"matched_text_index": 0, "image_base64": base64.b64encode(b"xx").decode()}]),  # corrupt
+      doc(4, 2, [{"matched_text_index": 0, "image_name": "nope.jpg"}]),  # image_missing + no_usable_image
+      {"text_list": ["", " "], "image_info": [img(5, 0, 0)]},  # empty_text
+      b'{"text_list": ["caf\xe9"], "image_info": []}',  # invalid_utf8
+  ]
+  write(f"{d}/docs.jsonl", jsonl(docs))
+  return f"{d}/docs.jsonl", f"{d}/images"
+
+
+MMC4_SKIPPED = {"text_index_out_of_range": 1, "image_missing": 2, "image_corrupt": 1,
+                "no_usable_image": 1, "empty_text": 1, "invalid_utf8": 1}
+
+
+def write_video(path, ids_per_second, fps=4, size=32):
+  """A video whose second s shows the solid colour of id ids_per_second[s]."""
+  import av
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with av.open(path, "w") as c:
+    s = c.add_stream("mpeg4", rate=fps)
+    s.width = s.height = size
+    s.pix_fmt = "yuv420p"
+    for i in ids_per_second:
+      for _ in range(fps):
+        f = av.VideoFrame.from_ndarray(
+            np.array(Image.new("RGB", (size, size), colour(i))), format="rgb24")
+        for p in s.encode(f):
+          c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+
+
+def make_video(d):
+  """Clip c (0..2) shows ids 10 c + s in second s; clip 3 is a folder of frames."""
+  rows = []
+  for c in range(3):
+    write_video(f"{d}/v{c}.mp4", [10 * c + s for s in range(10)])
+    rows.append({"video": f"v{c}.mp4", "caption": caption(c)})
+  for s in range(3):
+    write(f"{d}/frames3/{s:03d}.jpg", jpeg(30 + s))
+  rows.append({"video": "frames3", "caption": caption(3)})
+  write(f"{d}/broken.mp4", b"\x00\x00\x00 ftypisom" + b"garbage" * 20)
+  rows += [{"video": "broken.mp4", "caption": "x"},        # video_unreadable
+           {"video": "absent.mp4", "caption": "x"}]        # video_unreadable
+  write(f"{d}/videos.jsonl", jsonl(rows))
+  return f"{d}/videos.jsonl"
+
+
+# ---------------------------------------------------------------------------------------
+# prepare: summaries, strict mode, stored structure.
+
+def read_all(path, kind):
+  ds = prepared.PreparedDataset(path, kind)
+  return [ds[i] for i in range(len(ds))]
+
+
+def test_pairs_summary_and_records(tmp_path, capsys):
+  inputs = make_pairs(tmp_path / "raw")
+  summary = run_cli(capsys, "pairs", "--input", *inputs, "--output", tmp_path / "out")
+  assert summary == {"kept": 8, "skipped": PAIRS_SKIPPED}
+  records = read_all(tmp_path / "out", "pairs")
+  assert sorted(id_of_image_bytes(r["image"]) for r in records) == list(range(8))
+  for r in records:
+    assert r["caption"] == caption(id_of_image_bytes(r["image"]))
+    assert r["image"][:2] == b"\xff\xd8"  # re-encoded JPEG bytes, not pixels
+    assert ".jsonl:" in r["id"] or ".csv:" in r["id"]
+  assert json.load(open(tmp_path / "out" / "summary_pairs.json")) == summary
+
+
+def test_webdataset_summary_and_pairing(tmp_path, capsys):
+  d = make_webdataset(tmp_path / "raw")
+  summary = run_cli(capsys, "webdataset", "--input", d, "--output", tmp_path / "out")
+  assert summary == {"kept": 6, "skipped": WDS_SKIPPED}
+  records = read_all(tmp_path / "out", "webdataset")
+  assert sorted(id_of_image_bytes(r["image"]) for r in records) == list(range(6))
+  for r in records:  # never another key's text, and never 50's text with 51's …
+    i = id_of_image_bytes(r["image"])
+    assert r["caption"] == caption(i), r
+    assert r["id"].endswith(f"s/{i:03d}")
+
+
+def test_mmc4_summary_and_structure(tmp_path, capsys):
+  docs, images = make_mmc4(tmp_path / "raw")
+  summary = run_cli(capsys, "mmc4", "--input", docs, "--images-dir", images,
+                    "--output", tmp_path / "out")
+  assert summary == {"kept": 4, "skipped": MMC4_SKIPPED}
+  by_line = {int(r["id"].rsplit(":", 1)[1]): r for r in read_all(tmp_path / "out", "mmc4")}
+  assert sorted(by_line) == [1, 2, 3, 4]
+  for line, r in by_line.items():
+    doc = line - 1
+    assert r["sentences"] == [caption(10 * doc + j) for j in range(len(r["sentences"]))]
+    ids = [id_of_image_bytes(b) for b in r["images"]]
+    assert ids == [10 * doc + k for k in range(len(ids))]
+  np.testing.assert_array_equal(by_line[1]["image_sentence"], [0, 2])
+  np.testing.assert_array_equal(by_line[2]["similarity"], np.float32([0.1, 0.4]))
+  assert by_line[1]["similarity"].size == 0
+  assert len(by_line[3]["images"]) == 1 and len(by_line[4]["images"]) == 1
+
+
+def test_video_summary_and_frames(tmp_path, capsys):
+  pytest.importorskip("av")
+  summary = run_cli(capsys, "video", "--input", make_video(tmp_path / "raw"),
+                    "--output", tmp_path / "out")
+  assert summary == {"kept": 4, "skipped": {"video_unreadable": 2}}
+  records = read_all(tmp_path / "out", "video")
+  by_caption = {r["caption"]: r for r in records}
+  for c in range(3):  # 8 frames at 1 FPS out of a 10 s clip: seconds 0..7
+    frames = by_caption[caption(c)]["frames"]
+    assert [id_of_image_bytes(f) for f in frames] == [10 * c + s for s in range(8)]
+  assert [id_of_image_bytes(f) for f in by_caption[caption(3)]["frames"]] == [30, 31, 32]
+
+
+@pytest.mark.parametrize("kind", ["pairs", "webdataset", "mmc4", "video"])
+def test_strict_names_file_and_record(tmp_path, kind):
+  d, options = tmp_path / "raw", {}
+  if kind == "pairs":
+    inputs, where = make_pairs(d)[0], "pairs.jsonl:5"
+  elif kind == "webdataset":
+    inputs, where = make_webdataset(d), "shard-000.tar:s/050"
+  elif kind == "mmc4":
+    (inputs, images), where = make_mmc4(d), "docs.jsonl:3: image 1: text_index_out_of_range"
+    options["images_dir"] = images
+  else:
+    pytest.importorskip("av")
+    inputs, where = make_video(d), "videos.jsonl:5"
+  with pytest.raises(raw.RawDataError, match=r"\S*" + where.replace(".", r"\.")) as e:
+    prepare.prepare(kind, inputs, str(tmp_path / "out"), strict=True, **options)
+  assert str(d) in str(e.value)
+  assert not any(os.scandir(tmp_path / "out" / f"flamingo_{kind}")) if os.path.exists(
+      tmp_path / "out" / f"flamingo_{kind}") else True
+
+
+def test_cli_subprocess_prints_summary_last(tmp_path):
+  inputs = make_pairs(tmp_path / "raw")
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  r = subprocess.run([sys.executable, "-m", "flamingo_jax.data.prepare", "pairs", "--input",
+                      *inputs, "--output", str(tmp_path / "out")],
+                     capture_output=True, text=True, env=env, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == {"kept": 8, "skipped": PAIRS_SKIPPED}
+  strict = subprocess.run([sys.executable, "-m", "flamingo_jax.data.prepare", "pairs", "--input",
+                           *inputs, "--output", str(tmp_path / "out2"), "--strict"],
+                          capture_output=True, text=True, env=env, timeout=120)
+  assert strict.returncode == 1 and "pairs.jsonl:5: image_missing" in strict.stderr
