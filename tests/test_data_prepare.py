@@ -147,6 +147,9 @@ def make_mmc4(d):
                  {"matched_text_index": 0, "image_base64": base64.b64encode(b"xx").decode()}]),  # corrupt
       doc(4, 2, [{"matched_text_index": 0, "image_name": "nope.jpg"}]),  # image_missing + no_usable_image
       {"text_list": ["", " "], "image_info": [img(5, 0, 0)]},  # empty_text
+      # one-to-one: two images for sentence 0, the weaker one unmatched; one below 0.24
+      doc(6, 2, [dict(img(6, 0, 0), matched_sim=0.5), dict(img(6, 1, 0), matched_sim=0.3),
+                 dict(img(6, 2, 1), matched_sim=0.1)]),
       b'{"text_list": ["caf\xe9"], "image_info": []}',  # invalid_utf8
   ]
   write(f"{d}/docs.jsonl", jsonl(docs))
@@ -154,7 +157,7 @@ def make_mmc4(d):
 
 
 MMC4_SKIPPED = {"text_index_out_of_range": 1, "image_missing": 2, "image_corrupt": 1,
-                "no_usable_image": 1, "empty_text": 1, "invalid_utf8": 1}
+                "no_usable_image": 1, "empty_text": 1, "invalid_utf8": 1, "image_unmatched": 2}
 
 
 def write_video(path, ids_per_second, fps=4, size=32):
@@ -228,9 +231,10 @@ def test_mmc4_summary_and_structure(tmp_path, capsys):
   docs, images = make_mmc4(tmp_path / "raw")
   summary = run_cli(capsys, "mmc4", "--input", docs, "--images-dir", images,
                     "--output", tmp_path / "out")
-  assert summary == {"kept": 4, "skipped": MMC4_SKIPPED}
+  assert summary == {"kept": 5, "skipped": MMC4_SKIPPED}
   by_line = {int(r["id"].rsplit(":", 1)[1]): r for r in read_all(tmp_path / "out", "mmc4")}
-  assert sorted(by_line) == [1, 2, 3, 4]
+  assert sorted(by_line) == [1, 2, 3, 4, 7]
+  assert [id_of_image_bytes(b) for b in by_line.pop(7)["images"]] == [60]
   for line, r in by_line.items():
     doc = line - 1
     assert r["sentences"] == [caption(10 * doc + j) for j in range(len(r["sentences"]))]
@@ -267,7 +271,7 @@ def test_strict_names_file_and_record(tmp_path, kind):
     options["images_dir"] = images
   else:
     pytest.importorskip("av")
-    inputs, where = make_video(d), "videos.jsonl:5"
+    inputs, where = make_video(d), "videos.jsonl:5: video_unreadable"
   with pytest.raises(raw.RawDataError, match=r"\S*" + where.replace(".", r"\.")) as e:
     prepare.prepare(kind, inputs, str(tmp_path / "out"), strict=True, **options)
   assert str(d) in str(e.value)

@@ -152,12 +152,18 @@ def main(argv=None) -> int:
   p.add_argument("--max-image-size", type=int, default=0,
                  help="shrink images so the longer side is at most this (0: keep)")
   p.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
+  p.add_argument("--sim-threshold", type=float, default=0.24,
+                 help="(mmc4) place an image only when its similarity is at least this")
+  p.add_argument("--no-one-to-one", action="store_true",
+                 help="(mmc4) each image to its best sentence, not a one-to-one matching")
   p.add_argument("--num-frames", type=int, default=8, help="(video) frames per clip")
   p.add_argument("--fps", type=float, default=1.0, help="(video) sampling rate")
   a = p.parse_args(argv)
   opts = {"max_image_size": a.max_image_size, "image_format": a.image_format}
   if a.kind in ("mmc4", "pairs") and a.images_dir:
     opts["images_dir"] = a.images_dir
+  if a.kind == "mmc4":
+    opts.update(sim_threshold=a.sim_threshold, one_to_one=not a.no_one_to_one)
   if a.kind == "video":
     opts.update(num_frames=a.num_frames, fps=a.fps)
     if a.images_dir:

@@ -8,9 +8,10 @@ and record instead.
 
 Kinds and the records they yield (images are re-encoded image bytes, never pixels):
   mmc4        {"id", "sentences": [str], "images": [bytes], "image_sentence": int32[N]
-               (MMC4's matched_text_index), "image_sim": float32[N] (matched_sim),
-               "similarity": float32[N * S] (the image × sentence similarity matrix,
-               row-major, when the document has one; else empty)}
+               (the sentence each image goes before: the assignment, see read_mmc4),
+               "image_sim": float32[N] (its similarity), "similarity": float32[N * S]
+               (the kept images' rows of the image × sentence similarity matrix, row-major,
+               when the document has one; else empty)}
   webdataset  {"id", "image": bytes, "caption": str}     (tar shards: KEY.jpg + KEY.txt/.json)
   pairs       {"id", "image": bytes, "caption": str}     (jsonl or csv of image path, caption)
   video       {"id", "frames": [bytes], "caption": str}  (video files via PyAV: `num_frames`
@@ -19,9 +20,9 @@ Kinds and the records they yield (images are re-encoded image bytes, never pixel
 Skip reasons (the keys of `Skips.counts`): invalid_utf8, bad_json, bad_csv, missing_field,
 empty_text, image_missing, image_corrupt, no_usable_image (mmc4), text_index_out_of_range
 (mmc4), missing_image / missing_caption (webdataset: a key without one of its members),
-tar_error, video_unreadable, video_no_frames. For mmc4, image_missing, image_corrupt and
-text_index_out_of_range count *images* dropped from a document; the other reasons count
-records.
+tar_error, video_unreadable, video_no_frames, image_unmatched (mmc4). For mmc4,
+image_missing, image_corrupt, image_unmatched and text_index_out_of_range count *images*
+dropped from a document; the other reasons count records.
 """
 import base64
 import binascii
@@ -206,21 +207,31 @@ def _text_field(row: dict, names: tuple[str, ...]) -> str:
 # MMC4.
 
 def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = None,
-              max_image_size: int = 0, image_format: str = "jpeg") -> Iterator[dict]:
+              sim_threshold: float = 0.24, one_to_one: bool = True, max_image_size: int = 0,
+              image_format: str = "jpeg") -> Iterator[dict]:
   """MMC4 documents (jsonl shards): `text_list`, `image_info` [{`matched_text_index`,
   `matched_sim`, and `image_name` (relative to images_dir, default: the shard's folder)
-  or `image_base64`}], optionally `similarity_matrix` [images][sentences]."""
+  or `image_base64`}], optionally `similarity_matrix` [images][sentences].
+
+  Images are placed before a sentence by `interleaved.assign_images_to_sentences`
+  (OpenFlamingo's recipe: one-to-one Hungarian matching, kept when the similarity is
+  >= sim_threshold) on the document's similarity matrix; without one, on a matrix that
+  holds only each image's matched_text_index / matched_sim. Unplaced images are dropped
+  (reason image_unmatched)."""
   skip = skip if skip is not None else Skips()
   for path in expand_inputs(inputs, ("jsonl", "json")):
     base = images_dir or os.path.dirname(path)
     for rid, doc in _jsonl_rows(path, skip):
       try:
-        yield _mmc4_doc(rid, doc, base, skip, max_image_size, image_format)
+        yield _mmc4_doc(rid, doc, base, skip, sim_threshold, one_to_one, max_image_size,
+                        image_format)
       except _Bad as e:
         skip(rid, e.reason, e.detail)
 
 
-def _mmc4_doc(rid, doc, base, skip, max_image_size, image_format) -> dict:
+def _mmc4_doc(rid, doc, base, skip, sim_threshold, one_to_one, max_image_size,
+              image_format) -> dict:
+  from flamingo_jax.data.interleaved import assign_images_to_sentences
   sentences, infos = doc.get("text_list"), doc.get("image_info")
   if not isinstance(sentences, list) or not isinstance(infos, list):
     raise _Bad("missing_field", "needs lists 'text_list' and 'image_info'")
@@ -229,7 +240,7 @@ def _mmc4_doc(rid, doc, base, skip, max_image_size, image_format) -> dict:
   if not any(s.strip() for s in sentences):
     raise _Bad("empty_text", "every sentence is empty")
   sim_matrix = doc.get("similarity_matrix")
-  images, sentence_of, sims, sim_rows = [], [], [], []
+  images, matched, sims, sim_rows = [], [], [], []
   for j, info in enumerate(infos):
     iid = f"{rid}: image {j}"
     try:
@@ -249,27 +260,44 @@ def _mmc4_doc(rid, doc, base, skip, max_image_size, image_format) -> dict:
       else:
         raise _Bad("image_missing", "neither 'image_name' nor 'image_base64'")
       encoded = encode_image(data, max_size=max_image_size, fmt=image_format)
-    except _Bad as e:
+      sim = float(info.get("matched_sim", 1.0))
+    except (_Bad, TypeError, ValueError) as e:
+      if not isinstance(e, _Bad):
+        e = _Bad("missing_field", f"{type(e).__name__}: {e}")
       skip(iid, e.reason, e.detail)
       continue
-    images.append(encoded)
-    sentence_of.append(t)
-    sims.append(float(info.get("matched_sim", 1.0)))
+    images.append((j, encoded))
+    matched.append(t)
+    sims.append(sim)
     if isinstance(sim_matrix, list) and j < len(sim_matrix):
       sim_rows.append(sim_matrix[j])
   if not images:
     raise _Bad("no_usable_image", f"none of its {len(infos)} images could be used")
-  similarity = np.zeros((0,), np.float32)
+
+  similarity, from_doc = None, False
   if isinstance(sim_matrix, list) and len(sim_rows) == len(images):
     try:
       m = np.asarray(sim_rows, np.float32)
-      if m.shape == (len(images), len(sentences)):
-        similarity = m.reshape(-1)
+      if m.shape == (len(images), len(sentences)) and np.isfinite(m).all():
+        similarity, from_doc = m, True
     except (TypeError, ValueError):
       pass  # a malformed matrix: fall back to matched_text_index
-  return {"id": rid, "sentences": sentences, "images": images,
-          "image_sentence": np.asarray(sentence_of, np.int32),
-          "image_sim": np.asarray(sims, np.float32), "similarity": similarity}
+  if similarity is None:  # only the matched pairs are candidates
+    similarity = np.full((len(images), len(sentences)), -1e6, np.float32)
+    similarity[np.arange(len(images)), matched] = sims
+  where = assign_images_to_sentences(similarity, sim_threshold, one_to_one)
+  kept = [k for k, w in enumerate(where) if w is not None]
+  for k, w in enumerate(where):
+    if w is None:
+      skip(f"{rid}: image {images[k][0]}", "image_unmatched",
+           f"not placed (similarity threshold {sim_threshold}, one_to_one={one_to_one})")
+  if not kept:
+    raise _Bad("no_usable_image", "no image placed before a sentence")
+  return {"id": rid, "sentences": sentences, "images": [images[k][1] for k in kept],
+          "image_sentence": np.asarray([where[k] for k in kept], np.int32),
+          "image_sim": similarity[kept, np.asarray([where[k] for k in kept])].astype(np.float32),
+          "similarity": (similarity[kept].reshape(-1) if from_doc
+                         else np.zeros((0,), np.float32))}
 
 
 # ---------------------------------------------------------------------------------------
