@@ -291,3 +291,192 @@ def test_cli_subprocess_prints_summary_last(tmp_path):
                            *inputs, "--output", str(tmp_path / "out2"), "--strict"],
                           capture_output=True, text=True, env=env, timeout=120)
   assert strict.returncode == 1 and "pairs.jsonl:5: image_missing" in strict.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Training batches from prepared datasets.
+
+_CORPUS = [f"caption number {i}" for i in range(100)] + ["a photo of a cat", "x y z"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+  """A tiny byte-level BPE (eos, no pad) saved as a Hugging Face tokenizer directory."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  path = str(tmp_path_factory.mktemp("tokenizer"))
+  PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                          unk_token="<|endoftext|>").save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, tokenizer_dir):
+  """Every kind prepared once (with the tokenizer recorded in the metadata)."""
+  d = tmp_path_factory.mktemp("prepared")
+  out = {}
+  out["pairs"] = prepare.prepare("pairs", make_pairs(d / "pairs"), str(d / "out"),
+                                 tokenizer=tokenizer_dir)["path"]
+  out["webdataset"] = prepare.prepare("webdataset", make_webdataset(d / "wds"), str(d / "out"),
+                                      tokenizer=tokenizer_dir)["path"]
+  docs, images = make_mmc4(d / "mmc4")
+  out["mmc4"] = prepare.prepare("mmc4", docs, str(d / "out"), images_dir=images,
+                                tokenizer=tokenizer_dir)["path"]
+  try:
+    import av  # noqa: F401
+    out["video"] = prepare.prepare("video", make_video(d / "video"), str(d / "out"),
+                                   tokenizer=tokenizer_dir)["path"]
+  except ImportError:
+    pass
+  return out
+
+
+SMALL = dict(image_size=16, augment=False, prepend_space_p=0.0)
+
+
+def image_ids(images):
+  """[..., H, W, 3] normalised ('paper' mode) → the id of each image, from its centre."""
+  from flamingo_jax.data.images import IMAGENET_MEAN, IMAGENET_STD
+  h, w = images.shape[-3:-1]
+  centre = images[..., h // 2 - 1:h // 2 + 1, w // 2 - 1:w // 2 + 1, :]
+  rgb = (centre * IMAGENET_STD + IMAGENET_MEAN) * 255
+  return np.vectorize(lambda r, g: int(round(r / ID_STEP)) + 20 * int(round(g / ID_STEP)))(
+      rgb[..., 0].mean((-1, -2)), rgb[..., 1].mean((-1, -2)))
+
+
+def caption_ids(tokenizer_dir, input_ids):
+  """The first `caption number N` of each row's text."""
+  from flamingo_jax.data.tokenizer import load_tokenizer
+  tok, _ = load_tokenizer(tokenizer_dir)
+  out = []
+  for row in np.asarray(input_ids):
+    text = tok.decode(row.tolist())
+    out.append(int(text.split("caption number ")[1].split("<")[0].split()[0]))
+  return out
+
+
+@pytest.mark.parametrize("kind", ["pairs", "webdataset"])
+def test_pair_batches_keep_each_image_with_its_text(datasets, tokenizer_dir, kind):
+  it = prepared.build_iterator(datasets[kind], 4, seed=3, seq_len=12, **SMALL)
+  seen = set()
+  for _ in range(4):  # 16 positions over 8 / 6 records: more than one epoch
+    b = next(it)
+    assert b["images"].shape == (4, 1, 1, 16, 16, 3) and b["input_ids"].shape == (4, 12)
+    assert b["media_mask"].all() and b["loss_mask"].sum() > 0
+    ids = image_ids(b["images"][:, 0, 0])
+    assert list(ids) == caption_ids(tokenizer_dir, b["input_ids"])
+    seen.update(ids.tolist())
+  assert seen == set(range(8 if kind == "pairs" else 6))
+  assert it.skipped_counts() == {}
+
+
+def test_mmc4_batches_place_images_before_their_sentences(datasets, tokenizer_dir):
+  from flamingo_jax.data.tokenizer import load_tokenizer
+  tok, specials = load_tokenizer(tokenizer_dir)
+  it = prepared.build_iterator(datasets["mmc4"], 5, seed=0, seq_len=40, max_images=3, **SMALL)
+  expected = {0: 0, 1: 2, 10: 11, 20: 23, 30: 30, 60: 60}  # image id → its sentence's id
+  seen = set()
+  for _ in range(3):
+    b = next(it)
+    assert b["images"].shape == (5, 3, 1, 16, 16, 3)
+    for row in range(5):
+      ids = b["input_ids"][row]
+      for t in np.flatnonzero(ids == specials.media_token_id):
+        slot = b["media_index"][row, t]
+        image = int(image_ids(b["images"][row, slot, 0]))
+        text = tok.decode(ids[t + 1:].tolist())
+        assert int(text.split("caption number ")[1].split("<")[0].split()[0]) == expected[image]
+        seen.add(image)
+  assert seen == set(expected)
+
+
+def test_video_batches(datasets, tokenizer_dir):
+  if "video" not in datasets:
+    pytest.skip("PyAV not installed")
+  it = prepared.build_iterator(datasets["video"], 4, seed=1, seq_len=12, **SMALL)
+  b = next(it)
+  assert b["images"].shape == (4, 1, 8, 16, 16, 3)
+  for frames, c in zip(image_ids(b["images"][:, 0]), caption_ids(tokenizer_dir, b["input_ids"])):
+    want = [10 * c + s for s in range(8)] if c < 3 else [30, 31, 32] + [32] * 5
+    assert list(frames) == want
+
+
+@pytest.mark.parametrize("kind", ["pairs", "mmc4"])
+def test_resumption_mid_epoch_gives_the_same_next_batches(datasets, kind):
+  opts = dict(image_size=16, seq_len=24, augment=True)  # random choices included
+  it = prepared.build_iterator(datasets[kind], 3, seed=7, **opts)
+  for _ in range(2):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(4)]
+  resumed = prepared.build_iterator(datasets[kind], 3, seed=7, state=state, **opts)
+  for want in expected:
+    got = next(resumed)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  for step in (0, 3):  # batch_at is random access, the same as the stream
+    again = prepared.build_iterator(datasets[kind], 3, seed=7, **opts).batch_at(step + 2)
+    np.testing.assert_array_equal(again["input_ids"], expected[step]["input_ids"])
+  other_seed = prepared.build_iterator(datasets[kind], 3, seed=8, state=state, **opts)
+  assert any(not np.array_equal(next(other_seed)["images"], w["images"]) for w in expected)
+
+
+def test_processes_read_disjoint_shares_of_each_global_batch(datasets, tokenizer_dir):
+  opts = dict(image_size=16, seq_len=12, augment=True)
+  single = prepared.build_iterator(datasets["pairs"], 8, seed=5, **opts)
+  shares = [prepared.build_iterator(datasets["pairs"], 8, seed=5, process_index=p,
+                                    process_count=2, **opts) for p in range(2)]
+  for step in range(3):
+    whole = single.batch_at(step)
+    parts = [s.batch_at(step) for s in shares]
+    for k in whole:
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k], err_msg=k)
+    # 8 positions = one epoch of the 8 records: every record exactly once, split 4 / 4
+    ids = [set(caption_ids(tokenizer_dir, p["input_ids"])) for p in parts]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == set(range(8))
+    records = [{shares[p].record_index(q)[1] for q in range(8 * step + 4 * p, 8 * step + 4 * p + 4)}
+               for p in range(2)]
+    assert not records[0] & records[1]
+  with pytest.raises(ValueError, match="multiple of process_count"):
+    prepared.build_iterator(datasets["pairs"], 3, process_count=2)
+
+
+def test_read_time_failures_are_skipped_and_counted(tmp_path, datasets, tokenizer_dir):
+  # A record that passed preparation but fails when read (written here bypassing the
+  # raw readers' checks): replaced by the next record of the epoch, and counted.
+  records = [{"id": f"r:{i}", "image": jpeg(i), "caption": caption(i)} for i in range(5)]
+  records.insert(2, {"id": "r:bad", "image": b"\xff\xd8 not a jpeg", "caption": caption(9)})
+  prepare.BUILDERS["pairs"](records=iter(records), data_dir=str(tmp_path)).download_and_prepare()
+  it = prepared.build_iterator(str(tmp_path), 6, tokenizer=tokenizer_dir, seq_len=12, **SMALL)
+  b = next(it)
+  ids = image_ids(b["images"][:, 0, 0])
+  assert 9 not in ids and list(ids) == caption_ids(tokenizer_dir, b["input_ids"])
+  assert it.skipped_counts() == {"image_decode": 1}
+  assert "r:bad" in it.last_skipped()["image_decode"]
+  # Documents the processing rejects: every single-image document, here.
+  mmc4 = prepared.build_iterator(datasets["mmc4"], 4, rules="openflamingo",
+                                 single_image_drop_p=1.0, **SMALL)
+  b = next(mmc4)
+  assert (b["media_mask"].sum(1) == 2).all()  # only document 0 has two images
+  assert mmc4.skipped_counts()["single_image"] >= 4
+
+
+def test_tokenizer_is_recorded_and_required(tmp_path, datasets, tokenizer_dir):
+  ds = prepared.PreparedDataset(datasets["pairs"])
+  meta = ds.metadata["tokenizer"]
+  assert meta["path"] == os.path.abspath(tokenizer_dir)
+  from flamingo_jax.data.tokenizer import load_tokenizer
+  assert meta["special_tokens"]["media_token_id"] == load_tokenizer(tokenizer_dir)[1].media_token_id
+  records = [{"id": "r:0", "image": jpeg(0), "caption": caption(0)}]
+  prepare.BUILDERS["pairs"](records=iter(records), data_dir=str(tmp_path)).download_and_prepare()
+  with pytest.raises(prepared.PreparedDataError, match="no tokenizer"):
+    prepared.build_iterator(str(tmp_path), 2)
+  with pytest.raises(prepared.PreparedDataError, match="not 'mmc4'"):
+    prepared.PreparedDataset(datasets["pairs"], "mmc4")

@@ -217,3 +217,122 @@ class PreparedIterator:
   def last_skipped(self) -> dict:
     """reason → the last record skipped for it, with the error (for debugging)."""
     return dict(self._skipped_ids)
+
+
+# ---------------------------------------------------------------------------------------
+# Records → examples, with the processing functions of images.py, pairs.py, interleaved.py.
+
+PROCESSING_DEFAULTS = dict(
+    image_size=320,        # paper: 320 (NFNet-F6); OpenFlamingo: 224 with image_mode='clip'
+    image_mode="paper",    # images.preprocess: 'paper' (pad to square) or 'clip' (crop)
+    augment=True,          # random flip + colour jitter in training
+    seq_len=None,          # default: 32 for pairs / video, 256 for mmc4
+    rules="paper",         # 'paper' or 'openflamingo' (labels, window, association)
+    max_images=None,       # mmc4; None: the rules' default (5 paper, 6 OpenFlamingo)
+    p_next=None,           # mmc4; None: the rules' default
+    single_image_drop_p=None,  # mmc4; None: the rules' default
+    prepend_space_p=0.5,   # pairs / video
+    add_eos=True,
+    num_frames=8,          # video: clips with fewer frames repeat their last frame
+)
+
+
+def _skip_reason(e: Exception) -> str:
+  from flamingo_jax.data.images import ImageDecodeError
+  if isinstance(e, ImageDecodeError):
+    return "image_decode"
+  return getattr(e, "reason", None) or type(e).__name__
+
+
+def load_tokenizer_for(dataset: PreparedDataset, path: str | None = None):
+  """(tokenizer, SpecialTokens): `path`, else the one recorded when the dataset was
+  prepared; checks the special-token ids against the recorded ones."""
+  import dataclasses
+  from flamingo_jax.data import tokenizer as tokenizer_lib
+  recorded = dataset.metadata.get("tokenizer")
+  if path is None:
+    if not recorded:
+      raise PreparedDataError(f"{dataset.dir}: no tokenizer given and none recorded at "
+                              "preparation (prepare --tokenizer DIR, or set `tokenizer`)")
+    path = recorded["path"]
+  tok, specials = tokenizer_lib.load_tokenizer(path)
+  if recorded and recorded.get("special_tokens") not in (None, dataclasses.asdict(specials)):
+    raise PreparedDataError(
+        f"{dataset.dir} was prepared with tokenizer {recorded['path']} (special tokens "
+        f"{recorded['special_tokens']}), but {path} gives {dataclasses.asdict(specials)}")
+  return tok, specials
+
+
+def example_fn_for(kind: str, tokenizer_and_specials, **options) -> ExampleFn:
+  """(record, rng) → a fixed-shape example for a prepared dataset of `kind`."""
+  from flamingo_jax.data import images, interleaved, pairs
+  unknown = set(options) - set(PROCESSING_DEFAULTS)
+  if unknown:
+    raise ValueError(f"unknown processing options {sorted(unknown)}; "
+                     f"known: {sorted(PROCESSING_DEFAULTS)}")
+  o = dict(PROCESSING_DEFAULTS, **options)
+
+  def pixels(data: bytes, seed) -> np.ndarray:
+    # A generator per image (and the same one for every frame of a clip, so a clip is
+    # flipped and colour-jittered as a whole).
+    rng = np.random.default_rng(seed) if o["augment"] else None
+    return images.preprocess(images.decode(data), mode=o["image_mode"], size=o["image_size"],
+                             train=bool(o["augment"]), rng=rng)
+
+  if kind == "mmc4":
+    config = interleaved.InterleavedConfig(
+        seq_len=o["seq_len"] or 256, max_images=o["max_images"], p_next=o["p_next"],
+        rules=o["rules"], single_image_drop_p=o["single_image_drop_p"], add_eos=o["add_eos"])
+
+    def mmc4_example(record, rng):
+      base = int(rng.integers(2**63))
+      doc = {"texts": record["sentences"],
+             "images": list(enumerate(record["images"])),
+             "image_sentence": [int(s) if s >= 0 else None for s in record["image_sentence"]]}
+      return interleaved.interleaved_example(
+          doc, tokenizer_and_specials, config, rng,
+          image_fn=lambda payload: pixels(payload[1], [base, payload[0]]))
+    return mmc4_example
+
+  pair_config = pairs.PairConfig(seq_len=o["seq_len"] or 32,
+                                 prepend_space_p=o["prepend_space_p"], rules=o["rules"],
+                                 add_eos=o["add_eos"])
+  if kind in ("pairs", "webdataset"):
+    def pair(record, rng):
+      image = pixels(record["image"], int(rng.integers(2**63)))
+      return pairs.pair_example(image, record["caption"], tokenizer_and_specials,
+                                pair_config, rng)
+    return pair
+
+  if kind == "video":
+    def video(record, rng):
+      seed = int(rng.integers(2**63))
+      frames = [pixels(f, seed) for f in record["frames"][:o["num_frames"]]]
+      if not frames:
+        raise SkipRecord("video_no_frames")
+      frames += [frames[-1]] * (o["num_frames"] - len(frames))
+      return pairs.pair_example(np.stack(frames), record["caption"], tokenizer_and_specials,
+                                pair_config, rng)
+    return video
+  raise PreparedDataError(f"unknown dataset kind {kind!r}")
+
+
+def build_iterator(path: str, global_batch_size: int, *, kind: str | None = None,
+                   tokenizer: str | None = None, seed: int = 0, process_index: int = 0,
+                   process_count: int = 1, max_attempts: int = 32,
+                   state: Mapping | None = None, **processing) -> PreparedIterator:
+  """A `PreparedIterator` over the dataset at `path` with the processing functions of
+  its kind; `processing`: see PROCESSING_DEFAULTS."""
+  from flamingo_jax.data.images import ImageDecodeError
+  from flamingo_jax.data.interleaved import SkipExample
+  dataset = PreparedDataset(path, kind)
+  example_fn = example_fn_for(dataset.kind, load_tokenizer_for(dataset, tokenizer), **processing)
+
+  def fn(record, rng):
+    try:
+      return example_fn(record, rng)
+    except (SkipExample, ImageDecodeError) as e:
+      raise SkipRecord(_skip_reason(e), str(e)) from e
+  return PreparedIterator(dataset, fn, global_batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count,
+                          max_attempts=max_attempts, state=state)
