@@ -480,3 +480,22 @@ def test_tokenizer_is_recorded_and_required(tmp_path, datasets, tokenizer_dir):
     prepared.build_iterator(str(tmp_path), 2)
   with pytest.raises(prepared.PreparedDataError, match="not 'mmc4'"):
     prepared.PreparedDataset(datasets["pairs"], "mmc4")
+
+
+def test_sources_build_prepared(datasets, tokenizer_dir):
+  from flamingo_jax.config import ConfigError
+  from flamingo_jax.data import sources
+  cfg = dict(source="prepared", path=os.path.dirname(os.path.dirname(datasets["webdataset"])),
+             kind="webdataset", batch_size=4, weight=1.0, seq_len=12, **SMALL)
+  it = sources.build("laion", cfg, seed=0, process_index=1, process_count=2)
+  b = next(it)
+  assert b["input_ids"].shape == (2, 12) and it.get_state() == {"next_index": 4}
+  ids = image_ids(b["images"][:, 0, 0])
+  assert list(ids) == caption_ids(tokenizer_dir, b["input_ids"])
+  assert it.skipped_counts() == {}
+  with pytest.raises(ConfigError, match="unknown keys"):
+    sources.build("laion", dict(cfg, image_sise=3), seed=0)
+  with pytest.raises(ConfigError, match="data.laion: .*expected one prepared dataset"):
+    sources.build("laion", dict(cfg, kind="mmc5"), seed=0)
+  synthetic = sources.build("toy", dict(source="synthetic", batch_size=2), seed=0)
+  assert next(synthetic)["images"].shape[0] == 2
