@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "matplotlib==3.10.8",  # the loss-curve PNG train.py writes
+    "av==18.1.0",  # PyAV: decodes video files for `prepare video` (8 frames at 1 FPS)
 ]
 
 # PyTorch is needed only to read .pt/.bin checkpoints and for the parity tests. Pinned
