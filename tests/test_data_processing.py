@@ -246,6 +246,20 @@ def test_hand_checked_document_openflamingo_labels(tok):
                                 [-1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
 
 
+def test_literal_markup_and_blank_sentences(tok):
+  tokenizer, sp = tok
+  doc = dict(texts=[" the  ", "   ", "a <image> cat <|endofchunk|>", ""], images=[3],
+             image_sentence=[2])
+  ex = interleaved_example(doc, tok, InterleavedConfig(seq_len=40, p_next=0.0),
+                           np.random.default_rng(0), _pixel_fn())
+  n = int(ex["attention_mask"].sum())
+  words = _strings(tokenizer, ex["input_ids"][:n])
+  assert words.count("<image>") == 1 and words.count("<|endofchunk|>") == 2
+  assert words[:4] == ["the", "<|endofchunk|>", "<image>", "a"]
+  assert words[-2:] == ["<|endofchunk|>", "<|endoftext|>"]
+  assert tokenizer.decode(ex["input_ids"][3:n - 2]) == "a <image> cat <|endofchunk|>"
+
+
 def test_image_cap_drops_tokens_and_text_of_dropped_images(tok):
   tokenizer, sp = tok
   doc = dict(texts=[f"{word(k)} {word(k)}" for k in range(8)], images=list(range(1, 9)),

@@ -18,7 +18,8 @@ and once at the end of the document. BOS only when the tokenizer itself prepends
 (`SpecialTokens.bos_token_id`), EOS when the tokenizer has one (`add_eos`). Sentences are
 joined with a space, except right after `<image>` (OpenFlamingo's
 `text.replace(" <|endofchunk|>", "<|endofchunk|>")`); each sentence is tokenised on its
-own, with literal "<image>" text split as plain text, so a token's sentence is known.
+own (stripped of surrounding whitespace), with literal "<image>" text split as plain
+text, so a token's sentence is known.
 
 Paper rules (`rules='paper'`, M3W):
   * Window: `seq_len` consecutive stream tokens from a random start, uniform over the
@@ -215,7 +216,7 @@ def _check_doc(doc) -> tuple[list[str], list, list[int | None]]:
   for key in ("texts", "images", "image_sentence"):
     if key not in doc:
       raise KeyError(f"doc: missing {key!r} (has {sorted(doc)})")
-  texts = [as_text(t) for t in doc["texts"]]
+  texts = [as_text(t).strip() for t in doc["texts"]]
   images, where = list(doc["images"]), list(doc["image_sentence"])
   if len(images) != len(where):
     raise ValueError(f"doc: {len(images)} images but {len(where)} image_sentence entries")
@@ -294,7 +295,7 @@ def interleaved_example(doc, tokenizer_and_specials, config: InterleavedConfig,
   """
   tokenizer, specials = tokenizer_and_specials
   texts, images, where = _check_doc(doc)
-  if not any(t.strip() for t in texts):
+  if not any(texts):
     raise SkipExample("empty_text", f"{len(texts)} sentences, all empty")
   placed = [j for j, s in enumerate(where) if s is not None]
   if not placed:
@@ -302,7 +303,9 @@ def interleaved_example(doc, tokenizer_and_specials, config: InterleavedConfig,
 
   # Sentence tokens: a leading space unless first or right after an `<image>`.
   after_image = {where[j] for j in placed}
-  pieces = [t if (i == 0 or i in after_image) else " " + t for i, t in enumerate(texts)]
+  # (Sentences are stripped; an empty one contributes no tokens.)
+  pieces = [t if (i == 0 or i in after_image or not t) else " " + t
+            for i, t in enumerate(texts)]
   sentence_ids = encode_text(tokenizer, specials, pieces)
 
   paper = config.rules == "paper"
