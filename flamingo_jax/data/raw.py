@@ -159,32 +159,33 @@ def _jsonl_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
 
 
 def _csv_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
-  with open(path, "rb") as f:
-    lines = f.read().split(b"\n")
+  """Rows of a csv with a header line (one record per line: no newlines inside cells)."""
   header = None
-  for n, raw in enumerate(lines, 1):
-    rid = f"{path}:{n}"
-    try:
-      line = raw.decode("utf-8").rstrip("\r")
-    except UnicodeDecodeError as e:
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      rid = f"{path}:{n}"
+      try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        skip(rid, "invalid_utf8", str(e) + (" (the header: the whole file is skipped)"
+                                            if header is None else ""))
+        if header is None:
+          return
+        continue
+      if not line.strip():
+        continue
+      try:
+        cells = next(csv.reader([line]))
+      except csv.Error as e:
+        skip(rid, "bad_csv", str(e))
+        continue
       if header is None:
-        raise RawDataError(rid, "invalid_utf8", f"in the csv header: {e}") from None
-      skip(rid, "invalid_utf8", str(e))
-      continue
-    if not line.strip():
-      continue
-    try:
-      cells = next(csv.reader([line]))
-    except csv.Error as e:
-      skip(rid, "bad_csv", str(e))
-      continue
-    if header is None:
-      header = cells
-      continue
-    if len(cells) != len(header):
-      skip(rid, "bad_csv", f"{len(cells)} cells, the header has {len(header)}")
-      continue
-    yield rid, dict(zip(header, cells))
+        header = cells
+        continue
+      if len(cells) != len(header):
+        skip(rid, "bad_csv", f"{len(cells)} cells, the header has {len(header)}")
+        continue
+      yield rid, dict(zip(header, cells))
 
 
 def table_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
