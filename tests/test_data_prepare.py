@@ -424,6 +424,12 @@ def test_resumption_mid_epoch_gives_the_same_next_batches(datasets, kind):
   for step in (0, 3):  # batch_at is random access, the same as the stream
     again = prepared.build_iterator(datasets[kind], 3, seed=7, **opts).batch_at(step + 2)
     np.testing.assert_array_equal(again["input_ids"], expected[step]["input_ids"])
+  threaded = prepared.build_iterator(datasets[kind], 3, seed=7, state=state, num_threads=3,
+                                    **opts)
+  for want in expected:  # threads change nothing but speed
+    got = next(threaded)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   other_seed = prepared.build_iterator(datasets[kind], 3, seed=8, state=state, **opts)
   assert any(not np.array_equal(next(other_seed)["images"], w["images"]) for w in expected)
 

@@ -9,7 +9,8 @@ Sources:
   prepared   a dataset written by `python -m flamingo_jax.data.prepare` (prepared.py):
              `path` (the output dir or the dataset dir), optional `kind` (checked against
              the dataset), `tokenizer` (default: the one recorded at preparation), `seed`,
-             `max_attempts`, and the processing options of prepared.PROCESSING_DEFAULTS
+             `max_attempts`, `num_threads` (a thread pool per batch; same batches), and the
+             processing options of prepared.PROCESSING_DEFAULTS
              (image_size, image_mode, augment, seq_len, rules, max_images, p_next,
              single_image_drop_p, prepend_space_p, add_eos, num_frames). Its iterator's
              `skipped_counts()` gives the records skipped at read time, by reason.
@@ -33,7 +34,7 @@ def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: i
 
 
 _PREPARED_KEYS = {"source", "batch_size", "weight", "path", "kind", "tokenizer", "seed",
-                  "max_attempts"}
+                  "max_attempts", "num_threads"}
 
 
 def _prepared(name, cfg, *, seed, process_index, process_count):
@@ -52,6 +53,7 @@ def _prepared(name, cfg, *, seed, process_index, process_count):
         str(cfg["path"]), int(cfg["batch_size"]), kind=cfg.get("kind"),
         tokenizer=cfg.get("tokenizer"), seed=int(cfg.get("seed", seed)),
         process_index=process_index, process_count=process_count,
-        max_attempts=int(cfg.get("max_attempts", 32)), **processing)
+        max_attempts=int(cfg.get("max_attempts", 32)),
+        num_threads=int(cfg.get("num_threads", 0)), **processing)
   except prepared.PreparedDataError as e:
     raise ConfigError(f"data.{name}: {e}") from e
