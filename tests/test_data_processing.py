@@ -260,6 +260,43 @@ def test_literal_markup_and_blank_sentences(tok):
   assert tokenizer.decode(ex["input_ids"][3:n - 2]) == "a <image> cat <|endofchunk|>"
 
 
+def _openflamingo_labels_reference(ids, sp):
+  """Their label loop, token by token: True = has a label."""
+  labels = [True] * len(ids)
+  i = 0
+  while i < len(ids) and ids[i] != sp.media_token_id:
+    labels[i] = False
+    i += 1
+  for e in [k for k, t in enumerate(ids) if t == sp.eoc_token_id]:
+    k = e + 1
+    while k < len(ids) and ids[k] != sp.media_token_id:
+      labels[k] = False
+      k += 1
+  return [lab and t != sp.media_token_id for lab, t in zip(labels, ids)]
+
+
+def test_openflamingo_labels_match_their_loop(tok):
+  tokenizer, sp = tok
+  rng = np.random.default_rng(7)
+  for trial in range(30):
+    n_sent = int(rng.integers(1, 8))
+    where = [int(rng.integers(n_sent)) for _ in range(int(rng.integers(1, 5)))]
+    doc = dict(texts=[word(s) for s in range(n_sent)], images=list(range(1, len(where) + 1)),
+               image_sentence=where)
+    cfg = InterleavedConfig(seq_len=int(rng.integers(4, 30)), rules="openflamingo",
+                            single_image_drop_p=0.0)
+    try:
+      ex = interleaved_example(doc, tok, cfg, np.random.default_rng(trial), _pixel_fn())
+    except SkipExample as e:
+      assert e.reason == "no_images_in_window"
+      continue
+    n = int(ex["attention_mask"].sum())
+    ids = ex["input_ids"][:n].tolist()
+    has_label = _openflamingo_labels_reference(ids, sp)
+    np.testing.assert_array_equal(ex["loss_mask"][:n - 1], has_label[1:])
+    assert (ex["loss_mask"][n - 1:] == 0).all()
+
+
 def test_image_cap_drops_tokens_and_text_of_dropped_images(tok):
   tokenizer, sp = tok
   doc = dict(texts=[f"{word(k)} {word(k)}" for k in range(8)], images=list(range(1, 9)),

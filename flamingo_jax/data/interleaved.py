@@ -355,22 +355,19 @@ def interleaved_example(doc, tokenizer_and_specials, config: InterleavedConfig,
 
   selected = np.asarray(selected, np.int64)
   tokens = ids[selected]
-  slot = {j: s for s, j in enumerate(kept)}
-  media_index = np.array([slot.get(int(o), -1) for o in owner[selected]], np.int32)
-  if paper:
-    trainable = np.ones(len(tokens), bool)
-  else:  # OpenFlamingo: no label on tokens before the first <image> or after an EOC
+  slot_of = np.full(len(images) + 1, -1, np.int32)  # doc image -> slot; [-1] -> -1
+  slot_of[kept] = np.arange(len(kept), dtype=np.int32)
+  media_index = slot_of[owner[selected]]
+  trainable = np.ones(len(tokens), bool)
+  if not paper:
+    # OpenFlamingo's labels: none on tokens before the first <image>, on <image>, or on
+    # tokens after an EOC up to the next <image> (vectorised form of their loop).
+    pos = np.arange(len(tokens))
     is_media = tokens == specials.media_token_id
-    is_eoc = tokens == specials.eoc_token_id
-    no_label = np.zeros(len(tokens), bool)
-    seen_media, after_eoc = False, False
-    for i in range(len(tokens)):
-      if is_media[i]:
-        seen_media, after_eoc = True, False
-      no_label[i] = (not seen_media) or after_eoc or is_media[i]
-      if is_eoc[i]:
-        after_eoc = True
-    trainable = np.ones(len(tokens), bool)
+    last_media = np.maximum.accumulate(np.where(is_media, pos, -1))  # at or before
+    eoc_at = np.where(tokens == specials.eoc_token_id, pos, -1)
+    last_eoc_before = np.concatenate([[-1], np.maximum.accumulate(eoc_at)[:-1]])
+    no_label = (last_media < 0) | is_media | (last_eoc_before > last_media)
     trainable[:-1] = ~no_label[1:]
   return finish(tokens, media_index, trainable, pixels, config.seq_len, config.max_images,
                 specials)
