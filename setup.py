@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "matplotlib==3.10.8",  # the loss-curve PNG train.py writes
     "av==18.1.0",  # PyAV: decodes video files for `prepare video` (8 frames at 1 FPS)
+    "scipy==1.17.1",  # Hungarian image–sentence assignment for MMC4 documents
 ]
 
 # PyTorch is needed only to read .pt/.bin checkpoints and for the parity tests. Pinned

@@ -192,6 +192,9 @@ def train(config, workdir: str, devices=None) -> dict:
         m = jax.device_get(m)
         elapsed = time.perf_counter() - window_start
         step_time = elapsed / window_steps
+        for n, it in iterators.items():  # records a data source skipped, by reason
+          for reason, count in getattr(it, "skipped_counts", dict)().items():
+            m[f"skipped_records/{n}/{reason}"] = count
         m.update(lr=float(opt_lr(config, done)), step_time=step_time,
                  examples_per_sec=examples_per_step[group] / step_time,
                  tokens_per_sec=tokens / elapsed * processes,
