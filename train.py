@@ -177,7 +177,7 @@ def train(config, workdir: str, devices=None) -> dict:
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
   start_step = int(state["step"])
-  window_start, window_steps, tokens = time.perf_counter(), 0, 0.0
+  window_start, window_steps, tokens, window, counts = time.perf_counter(), 0, 0.0, None, {}
   try:
     for step in range(start_step, config.total_steps):
       group = tuple(groups[step % len(groups)])
@@ -185,11 +185,16 @@ def train(config, workdir: str, devices=None) -> dict:
       with jax.set_mesh(mesh):
         batches = {n: global_batch(b, mesh) for n, b in local.items()}
         state, m = steps[group](state, frozen, batches)
+      # Sums over the logging window, on device (no sync): the log shows window means.
+      window = m if window is None else {**window, **{k: window.get(k, 0) + v for k, v in m.items()}}
+      counts.update({k: counts.get(k, 0) + 1 for k in m})
       window_steps += 1
       tokens += sum(float(np.asarray(b["attention_mask"]).sum()) for b in local.values())
       done = step + 1
       if done % config.log_every == 0 or done == config.total_steps:
-        m = jax.device_get(m)
+        last, window = jax.device_get(m), jax.device_get(window)
+        m = {k: v / counts[k] for k, v in window.items()}  # means over the window
+        m.update(skipped=window["skipped"], nonfinite_total=last["nonfinite_total"])
         elapsed = time.perf_counter() - window_start
         step_time = elapsed / window_steps
         for n, it in iterators.items():  # records a data source skipped, by reason
@@ -200,7 +205,7 @@ def train(config, workdir: str, devices=None) -> dict:
                  tokens_per_sec=tokens / elapsed * processes,
                  mfu=step_flops[group] / step_time / (mesh.size * peak))
         writer.write(done, m)
-        window_start, window_steps, tokens = time.perf_counter(), 0, 0.0
+        window_start, window_steps, tokens, window, counts = time.perf_counter(), 0, 0.0, None, {}
       # Reading the counter waits for the step: do it only now and then, not every step.
       check_now = done % min(config.log_every, config.max_nonfinite_in_row) == 0
       if check_now and int(state["nonfinite_in_row"]) >= config.max_nonfinite_in_row:
