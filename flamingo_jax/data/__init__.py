@@ -1,0 +1,1 @@
+"""Input pipelines: `synthetic` (an on-the-fly few-shot task for the CPU demo)."""
