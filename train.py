@@ -134,6 +134,7 @@ def train(config, workdir: str, devices=None) -> dict:
   del params
   trainable = partition.cast(trainable, jnp.float32)
   frozen = partition.cast(frozen, jnp.dtype(config.frozen_dtype))
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   frozen_fingerprint = checkpoint.fingerprint(frozen)
   logging.info("trainable %d, frozen %d parameters",
                sum(x.size for x in jax.tree.leaves(trainable)),
@@ -163,7 +164,11 @@ def train(config, workdir: str, devices=None) -> dict:
   def compiled_step(names):
     fn = step_lib.make_train_step(model, opt, {n: weights[n] for n in names}, config.microbatches)
     with_rules = lambda s, f, b: _with_rules(rules, fn, s, f, b)
-    return jax.jit(with_rules, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    batch = sharding.batch_sharding(mesh)
+    in_shardings = (state_shardings, frozen_shardings,
+                    {n: jax.tree.map(lambda _: batch, example[n]) for n in names})
+    return jax.jit(with_rules, donate_argnums=(0,), in_shardings=in_shardings,
+                   out_shardings=(state_shardings, None))
   groups = ([sorted(iterators)] if config.accumulation == "all" else [[n] for n in sorted(iterators)])
   steps = {tuple(g): compiled_step(g) for g in groups}
 

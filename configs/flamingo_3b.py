@@ -17,4 +17,5 @@ def get_config(arg=None):
   config = train_config.defaults()
   config.model = presets.flamingo(d_model=2048, num_layers=24, num_heads=16,
                                   lm_mlp_dim=5888, every=1, xattn_ff_dim=8832)
+  config.data = presets.paper_data()
   return config

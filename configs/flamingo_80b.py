@@ -17,4 +17,5 @@ def get_config(arg=None):
   config = train_config.defaults()
   config.model = presets.flamingo(d_model=8192, num_layers=80, num_heads=64,
                                   lm_mlp_dim=24448, every=7, xattn_ff_dim=41216)
+  config.data = presets.paper_data()
   return config

@@ -17,4 +17,5 @@ def get_config(arg=None):
   config = train_config.defaults()
   config.model = presets.flamingo(d_model=4096, num_layers=40, num_heads=32,
                                   lm_mlp_dim=8448, every=4, xattn_ff_dim=14208)
+  config.data = presets.paper_data()
   return config

@@ -12,4 +12,5 @@ def get_config(arg=None):
   config = train_config.defaults()
   mpt_1b = presets.mpt(d_model=2048, num_layers=24, num_heads=16, qk_norm=True)
   config.model = presets.openflamingo(mpt_1b, every=1)
+  config.data = presets.openflamingo_data()
   return config

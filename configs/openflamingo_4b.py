@@ -11,4 +11,5 @@ from flamingo_jax.train import config as train_config
 def get_config(arg=None):
   config = train_config.defaults()
   config.model = presets.openflamingo(presets.redpajama_incite_3b(), every=2)
+  config.data = presets.openflamingo_data()
   return config

@@ -12,4 +12,5 @@ def get_config(arg=None):
   config = train_config.defaults()
   mpt_7b = presets.mpt(d_model=4096, num_layers=32, num_heads=32)
   config.model = presets.openflamingo(mpt_7b, every=4)
+  config.data = presets.openflamingo_data()
   return config

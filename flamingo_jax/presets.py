@@ -116,3 +116,31 @@ def openflamingo(lm: dict, every: int) -> dict:
       dtype="bfloat16",
       remat_policy="full",
   )
+
+
+# ---------------------------------------------------------------- training data
+
+def paper_data() -> dict:
+  """The paper's training mixture (§3, Table 6 ablation batch sizes), as datasets prepared
+  with `python -m flamingo_jax.data.prepare`. Set each `path` (and the LM's `tokenizer`)
+  on the command line, e.g. --config.data.m3w.path=/data/m3w."""
+  prepared = lambda **kw: dict(source="prepared", path="", tokenizer="", rules="paper",
+                               image_mode="paper", image_size=320, **kw)
+  return dict(
+      m3w=prepared(batch_size=256, weight=1.0, seq_len=256, max_images=5),
+      align=prepared(batch_size=512, weight=0.2, seq_len=32),
+      ltip=prepared(batch_size=512, weight=0.2, seq_len=64),
+      vtp=prepared(batch_size=64, weight=0.03, seq_len=32, num_frames=8),
+  )
+
+
+def openflamingo_data() -> dict:
+  """OpenFlamingo's mixture: MMC4 (256 tokens, up to 6 images, weight 1) and LAION-2B pairs
+  (32 tokens, weight 0.2), with its labelling rules and CLIP preprocessing. The batch sizes
+  are a starting point for a pod, not theirs (theirs were per GPU)."""
+  prepared = lambda **kw: dict(source="prepared", path="", tokenizer="", rules="openflamingo",
+                               image_mode="clip", image_size=224, **kw)
+  return dict(
+      mmc4=prepared(batch_size=512, weight=1.0, seq_len=256, max_images=6),
+      laion=prepared(batch_size=1024, weight=0.2, seq_len=32),
+  )

@@ -180,6 +180,19 @@ def test_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
   assert np.isfinite(metrics[-1]["loss"])
 
 
+def test_many_nonfinite_updates_in_a_row_stop_the_run(tmp_path, monkeypatch):
+  build = sources.build
+
+  def all_nan(*args, **kwargs):
+    it = build(*args, **kwargs)
+    batch_at = it.batch_at
+    it.batch_at = lambda step: {**batch_at(step), "images": np.full_like(batch_at(step)["images"], np.nan)}
+    return it
+  monkeypatch.setattr(sources, "build", all_nan)
+  with pytest.raises(train_lib.NonFiniteLossError, match="3 updates in a row"):
+    train_lib.train(tiny_config(total_steps=10, max_nonfinite_in_row=3), str(tmp_path))
+
+
 def test_config_mistakes_are_reported_before_compiling(tmp_path):
   from flamingo_jax.config import ConfigError
   for overrides, field in [({"optimizer.lr": -1.0}, "optimizer.lr"),

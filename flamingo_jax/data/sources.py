@@ -44,9 +44,9 @@ def _prepared(name, cfg, *, seed, process_index, process_count):
   if unknown:
     raise ConfigError(f"data.{name}: unknown keys {sorted(unknown)} for source 'prepared'; "
                       f"known: {sorted(_PREPARED_KEYS | set(prepared.PROCESSING_DEFAULTS))}")
-  if "path" not in cfg:
-    raise ConfigError(f"data.{name}.path: missing (the --output dir of "
-                      "`python -m flamingo_jax.data.prepare`)")
+  if not cfg.get("path"):
+    raise ConfigError(f"data.{name}.path: not set; give the --output dir of `python -m "
+                      f"flamingo_jax.data.prepare`, e.g. --config.data.{name}.path=DIR")
   processing = {k: cfg[k] for k in prepared.PROCESSING_DEFAULTS if k in cfg}
   try:
     return prepared.build_iterator(
