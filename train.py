@@ -40,8 +40,7 @@ def init_params(model, config, model_config, mesh, rules, example_batch):
   images, ids = example_batch.get("images"), example_batch["input_ids"]
   init = lambda rng: model.init(rng, images, ids)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))["params"]
-  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  shardings = nn.unbox(shardings)
+  shardings = nn.unbox(sharding.param_shardings(abstract, mesh, rules))
   if config.init:
     from flamingo_jax.convert.openflamingo import load_converted
     _, params, _ = load_converted(config.init)
@@ -146,8 +145,7 @@ def train(config, workdir: str, devices=None) -> dict:
   # Optimizer moments inherit their parameter's logical axis names: shard them alike.
   abstract_trainable, _ = partition.split(abstract_params, tuple(config.trainable))
   abstract_state = jax.eval_shape(new_state, abstract_trainable)
-  state_shardings = nn.unbox(nn.logical_to_mesh_sharding(
-      nn.get_partition_spec(abstract_state), mesh, rules))
+  state_shardings = nn.unbox(sharding.param_shardings(abstract_state, mesh, rules))
   state = jax.jit(new_state, out_shardings=state_shardings)(trainable)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   manifest = dict(frozen_source=frozen_source, frozen_fingerprint=frozen_fingerprint,

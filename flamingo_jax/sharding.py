@@ -81,6 +81,8 @@ def rules(overrides=()) -> tuple:
 
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for a (boxed, e.g. from `jax.eval_shape(model.init, ...)`) tree."""
+  """NamedShardings for a tree whose leaves carry logical axis names (e.g. params from
+  `jax.eval_shape(model.init, ...)`, or an optimizer state built on them); unnamed leaves
+  are replicated."""
   specs = nn.get_partition_spec(abstract_variables)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
