@@ -11,6 +11,9 @@ INSTALL_REQUIRES = [
     "ml_collections==1.1.0",
     "transformers==4.57.6",  # 4.57 (not 5.x): open_flamingo's generate() works with it
     "tensorflow-datasets==4.9.10",
+    # Reads tfds.data_source records for training: global index shuffle, threads and
+    # worker processes that keep the order (so the batches never depend on them).
+    "grain==0.2.18",
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "pillow==13.0.0",

@@ -5,7 +5,6 @@
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 Sections: config → mesh → model and parameters → data → train state → step → loop.
 """
-import functools
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from flamingo_jax import sharding
-from flamingo_jax.data import sources
+from flamingo_jax.data import loader, sources
 from flamingo_jax.lm import token_rows
 from flamingo_jax.model import Flamingo
 from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, optimizer as optim
@@ -141,7 +140,9 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # ---- train state (the optimizer sees the trainable subtree only)
   opt = optim.build(**dict(config.optimizer), total_steps=config.total_steps)
-  new_state = lambda t: step_lib.init_state(t, opt, jax.random.PRNGKey(config.seed + 1))
+  skip_counters = {n: len(loader.SKIP_REASONS) for n, b in example.items() if "skipped" in b}
+  new_state = lambda t: step_lib.init_state(t, opt, jax.random.PRNGKey(config.seed + 1),
+                                            skip_counters)
   # Optimizer moments inherit their parameter's logical axis names: shard them alike.
   abstract_trainable, _ = partition.split(abstract_params, tuple(config.trainable))
   abstract_state = jax.eval_shape(new_state, abstract_trainable)
@@ -200,9 +201,10 @@ def train(config, workdir: str, devices=None) -> dict:
         m.update(skipped=window["skipped"], nonfinite_total=last["nonfinite_total"])
         elapsed = time.perf_counter() - window_start
         step_time = elapsed / window_steps
-        for n, it in iterators.items():  # records a data source skipped, by reason
-          for reason, count in getattr(it, "skipped_counts", dict)().items():
-            m[f"skipped_records/{n}/{reason}"] = count
+        # Records the input pipelines passed over so far (all processes), by reason.
+        for n, counts_n in jax.device_get(state["skipped_records"]).items():
+          m.update({f"skipped_records/{n}/{r}": int(c)
+                    for r, c in zip(loader.SKIP_REASONS, counts_n) if c})
         m.update(lr=float(opt_lr(config, done)), step_time=step_time,
                  examples_per_sec=examples_per_step[group] / step_time,
                  tokens_per_sec=tokens / elapsed * processes,
@@ -223,6 +225,8 @@ def train(config, workdir: str, devices=None) -> dict:
         logging.warning("SIGTERM: saved step %d, exiting", done)
         break
   finally:
+    for it in iterators.values():
+      it.close()
     ckpt.wait()
     ckpt.close()
     writer.close()

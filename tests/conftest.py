@@ -22,3 +22,13 @@ import jax  # noqa: E402
 
 # Parity tests compare float32 against PyTorch: no reduced-precision matmul passes.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """A tiny byte-level BPE (eos, no pad) saved as a Hugging Face tokenizer directory."""
+  from data_files import make_tokenizer
+  return make_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))

@@ -8,7 +8,7 @@ TASK = S.TaskConfig()
 
 
 def iterate(n, **kw):
-  it = S.BatchIterator(8, **kw)
+  it = S.batch_iterator(8, **kw)
   return [next(it) for _ in range(n)]
 
 
@@ -85,21 +85,21 @@ def test_deterministic_and_random_access():
   assert not np.array_equal(a["images"], S.episode(TASK, 4, S.TRAIN, 17)["images"])
   assert not np.array_equal(a["images"], S.episode(TASK, 3, S.EVAL, 17)["images"])
   # Batch n of an iterator is the same whatever came before it.
-  assert_batches_equal(iterate(3, seed=3)[2], S.BatchIterator(8, seed=3).batch_at(2))
+  assert_batches_equal(iterate(3, seed=3)[2], S.batch_iterator(8, seed=3).batch_at(2))
 
 
 def test_resume_from_state():
-  it = S.BatchIterator(8, seed=1)
+  it = S.batch_iterator(8, seed=1)
   for _ in range(3):
     next(it)
   state = it.get_state()
   assert state == {"next_index": 24}
   expected = [next(it) for _ in range(2)]
-  resumed = S.BatchIterator(8, seed=1, state=state)
+  resumed = S.batch_iterator(8, seed=1, state=state)
   for want in expected:
     assert_batches_equal(next(resumed), want)
   with pytest.raises(ValueError, match="global batch boundary"):
-    S.BatchIterator(8, state={"next_index": 5})
+    S.batch_iterator(8, state={"next_index": 5})
 
 
 def test_processes_take_disjoint_shares_of_the_global_batch():
@@ -114,7 +114,7 @@ def test_processes_take_disjoint_shares_of_the_global_batch():
     flat = lambda x: {r.tobytes() for r in x["images"][:, 0]}
     assert not flat(a) & flat(b)
   with pytest.raises(ValueError, match="multiple"):
-    S.BatchIterator(6, process_count=4)
+    S.batch_iterator(6, process_count=4)
 
 
 def test_pixels_encode_colour_and_shape():

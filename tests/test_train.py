@@ -157,21 +157,26 @@ def test_resume_refuses_other_frozen_weights(tmp_path):
     train_lib.train(tiny_config(total_steps=4, seed=1), str(tmp_path))
 
 
-def test_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
+def poison(nan_steps):
+  """sources.build, with NaN images in the global batches `nan_steps(step)` selects."""
   build = sources.build
 
   def poisoned(*args, **kwargs):
     it = build(*args, **kwargs)
-    batch_at = it.batch_at
+    example_at = it.example_at
 
-    def with_nan(step):
-      batch = batch_at(step)
-      if step == 2:
-        batch["images"] = np.full_like(batch["images"], np.nan)
-      return batch
-    it.batch_at = with_nan
+    def with_nan(position):
+      example = example_at(position)
+      if nan_steps(position // it.global_batch_size):
+        example["images"] = np.full_like(example["images"], np.nan)
+      return example
+    it.example_at = with_nan
     return it
-  monkeypatch.setattr(sources, "build", poisoned)
+  return poisoned
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "build", poison(lambda step: step == 2))
   result = train_lib.train(tiny_config(total_steps=6), str(tmp_path))
   metrics = [json.loads(l) for l in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
   assert [m["skipped"] for m in metrics] == [0, 0, 1, 0, 0, 0]
@@ -181,14 +186,7 @@ def test_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_many_nonfinite_updates_in_a_row_stop_the_run(tmp_path, monkeypatch):
-  build = sources.build
-
-  def all_nan(*args, **kwargs):
-    it = build(*args, **kwargs)
-    batch_at = it.batch_at
-    it.batch_at = lambda step: {**batch_at(step), "images": np.full_like(batch_at(step)["images"], np.nan)}
-    return it
-  monkeypatch.setattr(sources, "build", all_nan)
+  monkeypatch.setattr(sources, "build", poison(lambda step: True))
   with pytest.raises(train_lib.NonFiniteLossError, match="3 updates in a row"):
     train_lib.train(tiny_config(total_steps=10, max_nonfinite_in_row=3), str(tmp_path))
 
@@ -249,3 +247,36 @@ def test_two_processes_train_like_one(reference_run, tmp_path):
   ours, ref = losses(workdir), losses(reference_run[0])
   np.testing.assert_allclose([ours[s] for s in range(1, 11)], [ref[s] for s in range(1, 11)],
                              rtol=2e-3)
+
+
+def test_prepared_dataset_skip_counts_are_logged_and_survive_resume(tmp_path, tokenizer_dir):
+  """train.py on a prepared pairs dataset holding undecodable images: the skips of every
+  process are counted on device, logged, and carried through a checkpoint."""
+  from data_files import caption, jpeg
+  from flamingo_jax.data import loader, prepare, prepared
+  from flamingo_jax.data.tokenizer import load_tokenizer
+  records = [{"id": f"r:{i}", "image": jpeg(i), "caption": caption(i)} for i in range(12)]
+  for i in (3, 8):
+    records[i] = dict(records[i], image=b"not an image")
+  prepare.BUILDERS["pairs"](records=iter(records), data_dir=str(tmp_path / "data"),
+                            metadata={"tokenizer": prepare.tokenizer_metadata(tokenizer_dir)}
+                            ).download_and_prepare()
+  _, specials = load_tokenizer(tokenizer_dir)
+  config = tiny_config(total_steps=3, checkpoint_every=3, **{
+      "model.lm.vocab_size": 320, "model.media_token_id": specials.media_token_id,
+      "model.eoc_token_id": specials.eoc_token_id,
+      "model.trainable_token_ids": (specials.media_token_id, specials.eoc_token_id)})
+  config.data = {"pairs": dict(source="prepared", path=str(tmp_path / "data"), batch_size=8,
+                               seq_len=16, image_size=32, weight=1.0)}
+  workdir = str(tmp_path / "run")
+  train_lib.train(config, workdir)
+  config.total_steps = 6
+  result = train_lib.train(config, workdir)  # resumes at step 3
+  want = sum(prepared.build_iterator(str(tmp_path / "data"), 8, seq_len=16, image_size=32)
+             .batch_at(s)["skipped"].sum(0) for s in range(6))
+  assert want[loader.SKIP_REASONS.index("image_decode")] >= 2  # 48 positions, 4 epochs
+  np.testing.assert_array_equal(result["state"]["skipped_records"]["pairs"], want)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f][-1]
+  assert last["step"] == 6
+  assert last["skipped_records/pairs/image_decode"] == want[loader.SKIP_REASONS.index("image_decode")]

@@ -1,41 +1,26 @@
-"""Training batches from a dataset written by `prepare.py`.
+"""Training examples from a dataset written by `prepare.py` (grain over `tfds.data_source`).
 
 Storage: `tfds.builder_from_directory(dir).as_data_source("train")`, random access into
 the array_record shards, decoded with numpy (no TensorFlow).
 
-Order: global position q (0, 1, 2, … over all epochs) reads record
-`shuffle(q mod N; seed, epoch = q // N)`, where `shuffle` is a keyed bijection of [0, N)
-(a 4-round Feistel network with cycle walking: O(1) memory at any N, a different order
-every epoch). Global batch s holds positions [s * G, (s + 1) * G); process p of P reads
-the contiguous share [s * G + p * G/P, s * G + (p + 1) * G/P), so processes read
-disjoint shares whose union is the global batch.
+Order and skips: `loader.shuffled_records` (grain's global index shuffle, a new order
+every epoch; a record that makes no example is replaced by the next of the same order
+and counted by reason). Batches, sharding over processes, threads, worker processes and
+the resumable state: `loader.BatchIterator`.
 
 Processing: each record is decoded and turned into a fixed-shape example by the
 processing functions of its kind (`images`, `pairs`, `interleaved`), with a generator
-seeded by (seed, epoch, record index) for its random choices, so an example depends on
-nothing but those three numbers.
-
-Bad records: a record that fails at read time (undecodable image, a document with no
-image left after filtering, …) is replaced by the next record of the same epoch's order
-(then the next, up to `max_attempts`), and counted by reason in `skipped_counts()`;
-replacing it in place keeps every other position, and resumption, exact.
-
-State: `{"next_index": first position of the next global batch}`, as synthetic.py.
-
-Speed: `num_threads` > 0 builds the examples of a batch in a thread pool (same batches).
+seeded by (seed, epoch, record index) for its random choices.
 """
-import concurrent.futures
 import os
-import threading
-from typing import Callable, Mapping
 
 import numpy as np
 
-_M64 = (1 << 64) - 1
+from flamingo_jax.data import loader
 
 
 class PreparedDataError(ValueError):
-  """A prepared dataset that cannot be read, or a position with no readable record."""
+  """A prepared dataset that cannot be read."""
 
 
 def find_dataset_dir(path: str, kind: str | None = None) -> str:
@@ -94,147 +79,6 @@ def _to_python(record: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# The shuffle: a keyed permutation of [0, n), computed per index.
-
-def _splitmix(x: int) -> int:
-  x = (x + 0x9E3779B97F4A7C15) & _M64
-  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-  return x ^ (x >> 31)
-
-
-def shuffled_index(i: int, n: int, seed: int, epoch: int, rounds: int = 4) -> int:
-  """Position i of the order of epoch `epoch`: a bijection of [0, n) for each (seed, epoch)."""
-  if not 0 <= i < n:
-    raise IndexError(f"{i} not in [0, {n})")
-  if n == 1:
-    return 0
-  bits = max(2, (n - 1).bit_length())
-  bits += bits % 2
-  half, mask = bits // 2, (1 << (bits // 2)) - 1
-  key = _splitmix(_splitmix(seed & _M64) ^ (epoch & _M64))
-  keys = [_splitmix(key + r) for r in range(rounds)]
-  x = i
-  while True:  # cycle walking: the network permutes [0, 2^bits) ⊇ [0, n), 2^bits < 4n
-    left, right = x >> half, x & mask
-    for k in keys:
-      left, right = right, left ^ (_splitmix(right ^ k) & mask)
-    x = (left << half) | right
-    if x < n:
-      return x
-
-
-# ---------------------------------------------------------------------------------------
-# Batches.
-
-class SkipRecord(Exception):
-  """Raised by an example function for a record that cannot make a training example."""
-
-  def __init__(self, reason: str, detail: str = ""):
-    super().__init__(f"{reason}: {detail}" if detail else reason)
-    self.reason = reason
-
-
-ExampleFn = Callable[[dict, np.random.Generator], dict]
-
-
-def collate(examples: list[dict]) -> dict:
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-
-
-class PreparedIterator:
-  """This process's share of each global batch of a prepared dataset (sources.py contract)."""
-
-  def __init__(self, dataset: PreparedDataset, example_fn: ExampleFn, global_batch_size: int,
-               *, seed: int = 0, process_index: int = 0, process_count: int = 1,
-               max_attempts: int = 32, skip_errors: tuple = (), num_threads: int = 0,
-               state: Mapping | None = None):
-    if global_batch_size <= 0 or global_batch_size % process_count:
-      raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple "
-                       f"of process_count={process_count}")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    self.dataset, self.example_fn = dataset, example_fn
-    self.seed, self.max_attempts = int(seed), int(max_attempts)
-    self.skip_errors = (SkipRecord,) + tuple(skip_errors)
-    self.global_batch_size = global_batch_size
-    self.local_batch_size = global_batch_size // process_count
-    self.process_index = process_index
-    self.next_index = 0
-    self._skipped: dict[str, int] = {}
-    self._skipped_ids: dict[str, str] = {}  # reason → the last record id skipped for it
-    # Examples of a batch are independent (each a function of its position), so threads
-    # change nothing but speed: decoding and resizing in PIL release the GIL.
-    self._lock = threading.Lock()
-    self._pool = (concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 0
-                  else None)
-    if state is not None:
-      self.set_state(state)
-
-  # The contract of sources.py.
-  def get_state(self) -> dict:
-    return {"next_index": int(self.next_index)}
-
-  def set_state(self, state: Mapping) -> None:
-    n = int(state["next_index"])
-    if n < 0 or n % self.global_batch_size:
-      raise ValueError(f"next_index={n} is not a global batch boundary "
-                       f"(global_batch_size={self.global_batch_size})")
-    self.next_index = n
-
-  def batch_at(self, step: int) -> dict:
-    """This process's share of global batch `step`, without moving the iterator."""
-    start = step * self.global_batch_size + self.process_index * self.local_batch_size
-    positions = range(start, start + self.local_batch_size)
-    if self._pool is None:
-      return collate([self.example_at(q) for q in positions])
-    return collate(list(self._pool.map(self.example_at, positions)))
-
-  def __iter__(self) -> "PreparedIterator":
-    return self
-
-  def __next__(self) -> dict:
-    batch = self.batch_at(self.next_index // self.global_batch_size)
-    self.next_index += self.global_batch_size
-    return batch
-
-  # Records.
-  def record_index(self, position: int, attempt: int = 0) -> tuple[int, int]:
-    """(epoch, record index) read at global `position` (the `attempt`-th replacement)."""
-    n = len(self.dataset)
-    epoch, k = divmod(int(position), n)
-    return epoch, shuffled_index((k + attempt) % n, n, self.seed, epoch)
-
-  def example_at(self, position: int) -> dict:
-    last = None
-    for attempt in range(min(self.max_attempts, len(self.dataset))):
-      epoch, index = self.record_index(position, attempt)
-      record_id = f"record {index}"
-      try:
-        with self._lock:  # one reader at a time into the array_record shards
-          record = self.dataset[index]
-        record_id = record.get("id", record_id)
-        rng = np.random.default_rng([self.seed, epoch, index])
-        return self.example_fn(record, rng)
-      except self.skip_errors as e:
-        reason = getattr(e, "reason", None) or type(e).__name__
-        with self._lock:
-          self._skipped[reason] = self._skipped.get(reason, 0) + 1
-          self._skipped_ids[reason] = f"{record_id}: {e}"
-        last = e
-    raise PreparedDataError(f"{self.dataset.dir}: position {position}: {self.max_attempts} "
-                            f"records in a row could not be read; last: {last}")
-
-  def skipped_counts(self) -> dict:
-    """Records this iterator skipped at read time, by reason (for train.py's logs)."""
-    return dict(sorted(self._skipped.items()))
-
-  def last_skipped(self) -> dict:
-    """reason → the last record skipped for it, with the error (for debugging)."""
-    return dict(self._skipped_ids)
-
-
-# ---------------------------------------------------------------------------------------
 # Records → examples, with the processing functions of images.py, pairs.py, interleaved.py.
 
 PROCESSING_DEFAULTS = dict(
@@ -250,13 +94,6 @@ PROCESSING_DEFAULTS = dict(
     add_eos=True,
     num_frames=8,          # video: clips with fewer frames repeat their last frame
 )
-
-
-def _skip_reason(e: Exception) -> str:
-  from flamingo_jax.data.images import ImageDecodeError
-  if isinstance(e, ImageDecodeError):
-    return "image_decode"
-  return getattr(e, "reason", None) or type(e).__name__
 
 
 def load_tokenizer_for(dataset: PreparedDataset, path: str | None = None):
@@ -278,8 +115,11 @@ def load_tokenizer_for(dataset: PreparedDataset, path: str | None = None):
   return tok, specials
 
 
-def example_fn_for(kind: str, tokenizer_and_specials, **options) -> ExampleFn:
-  """(record, rng) → a fixed-shape example for a prepared dataset of `kind`."""
+def record_fn(kind: str, tokenizer_and_specials, **options):
+  """(record, rng) → a fixed-shape example, for records of `kind` (the prepared layouts:
+  `image` / `frames` / `images` as encoded bytes or decoded uint8 arrays, `caption`,
+  mmc4's `sentences` and `image_sentence`). A record that makes no example raises
+  loader.SkipRecord with the reason."""
   from flamingo_jax.data import images, interleaved, pairs
   unknown = set(options) - set(PROCESSING_DEFAULTS)
   if unknown:
@@ -287,11 +127,12 @@ def example_fn_for(kind: str, tokenizer_and_specials, **options) -> ExampleFn:
                      f"known: {sorted(PROCESSING_DEFAULTS)}")
   o = dict(PROCESSING_DEFAULTS, **options)
 
-  def pixels(data: bytes, seed) -> np.ndarray:
+  def pixels(image, seed) -> np.ndarray:
     # A generator per image (and the same one for every frame of a clip, so a clip is
     # flipped and colour-jittered as a whole).
     rng = np.random.default_rng(seed) if o["augment"] else None
-    return images.preprocess(images.decode(data), mode=o["image_mode"], size=o["image_size"],
+    image = images.decode(image) if isinstance(image, bytes) else images.to_rgb(image)
+    return images.preprocess(image, mode=o["image_mode"], size=o["image_size"],
                              train=bool(o["augment"]), rng=rng)
 
   if kind == "mmc4":
@@ -299,7 +140,7 @@ def example_fn_for(kind: str, tokenizer_and_specials, **options) -> ExampleFn:
         seq_len=o["seq_len"] or 256, max_images=o["max_images"], p_next=o["p_next"],
         rules=o["rules"], single_image_drop_p=o["single_image_drop_p"], add_eos=o["add_eos"])
 
-    def mmc4_example(record, rng):
+    def example(record, rng):
       base = int(rng.integers(2**63))
       doc = {"texts": record["sentences"],
              "images": list(enumerate(record["images"])),
@@ -307,47 +148,46 @@ def example_fn_for(kind: str, tokenizer_and_specials, **options) -> ExampleFn:
       return interleaved.interleaved_example(
           doc, tokenizer_and_specials, config, rng,
           image_fn=lambda payload: pixels(payload[1], [base, payload[0]]))
-    return mmc4_example
 
-  pair_config = pairs.PairConfig(seq_len=o["seq_len"] or 32,
-                                 prepend_space_p=o["prepend_space_p"], rules=o["rules"],
-                                 add_eos=o["add_eos"])
-  if kind in ("pairs", "webdataset"):
-    def pair(record, rng):
-      image = pixels(record["image"], int(rng.integers(2**63)))
-      return pairs.pair_example(image, record["caption"], tokenizer_and_specials,
-                                pair_config, rng)
-    return pair
+  elif kind in ("pairs", "webdataset", "video"):
+    pair_config = pairs.PairConfig(seq_len=o["seq_len"] or 32,
+                                   prepend_space_p=o["prepend_space_p"], rules=o["rules"],
+                                   add_eos=o["add_eos"])
 
-  if kind == "video":
-    def video(record, rng):
+    def example(record, rng):
       seed = int(rng.integers(2**63))
-      frames = [pixels(f, seed) for f in record["frames"][:o["num_frames"]]]
-      if not frames:
-        raise SkipRecord("video_no_frames")
-      frames += [frames[-1]] * (o["num_frames"] - len(frames))
-      return pairs.pair_example(np.stack(frames), record["caption"], tokenizer_and_specials,
+      if kind != "video":
+        media = pixels(record["image"], seed)
+      else:
+        frames = [pixels(f, seed) for f in record["frames"][:o["num_frames"]]]
+        if not frames:
+          raise loader.SkipRecord("video_no_frames")
+        media = np.stack(frames + [frames[-1]] * (o["num_frames"] - len(frames)))
+      return pairs.pair_example(media, record["caption"], tokenizer_and_specials,
                                 pair_config, rng)
-    return video
-  raise PreparedDataError(f"unknown dataset kind {kind!r}")
+  else:
+    raise PreparedDataError(f"unknown dataset kind {kind!r}")
+
+  def checked(record, rng):
+    try:
+      return example(record, rng)
+    except interleaved.SkipExample as e:
+      raise loader.SkipRecord(e.reason, e.detail) from e
+    except images.ImageDecodeError as e:
+      raise loader.SkipRecord("image_decode", str(e)) from e
+  return checked
 
 
 def build_iterator(path: str, global_batch_size: int, *, kind: str | None = None,
-                   tokenizer: str | None = None, seed: int = 0, process_index: int = 0,
-                   process_count: int = 1, max_attempts: int = 32, num_threads: int = 0,
-                   state: Mapping | None = None, **processing) -> PreparedIterator:
-  """A `PreparedIterator` over the dataset at `path` with the processing functions of
-  its kind; `processing`: see PROCESSING_DEFAULTS."""
-  from flamingo_jax.data.images import ImageDecodeError
-  from flamingo_jax.data.interleaved import SkipExample
+                   tokenizer: str | None = None, seed: int = 0, max_attempts: int = 32,
+                   process_index: int = 0, process_count: int = 1, num_threads: int = 0,
+                   num_workers: int = 0, state=None, **processing) -> loader.BatchIterator:
+  """Batches of the dataset at `path`, processed by its kind's functions (`processing`:
+  see PROCESSING_DEFAULTS); the loader options: see loader.BatchIterator."""
   dataset = PreparedDataset(path, kind)
-  example_fn = example_fn_for(dataset.kind, load_tokenizer_for(dataset, tokenizer), **processing)
-
-  def fn(record, rng):
-    try:
-      return example_fn(record, rng)
-    except (SkipExample, ImageDecodeError) as e:
-      raise SkipRecord(_skip_reason(e), str(e)) from e
-  return PreparedIterator(dataset, fn, global_batch_size, seed=seed,
-                          process_index=process_index, process_count=process_count,
-                          max_attempts=max_attempts, num_threads=num_threads, state=state)
+  build = record_fn(dataset.kind, load_tokenizer_for(dataset, tokenizer), **processing)
+  example_at = loader.shuffled_records(dataset, build, seed=seed, name=dataset.dir,
+                                       max_attempts=max_attempts)
+  return loader.BatchIterator(example_at, global_batch_size, process_index=process_index,
+                              process_count=process_count, num_threads=num_threads,
+                              num_workers=num_workers, state=state)

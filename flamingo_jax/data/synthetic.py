@@ -15,8 +15,8 @@ rule from the answer words and name the query's attribute. Answers are ranked am
 
 Determinism: example i of a split is a pure function of (task, seed, split, i) — every
 draw comes from `np.random.default_rng([seed, split, i, ...])` — so any example can be
-rebuilt alone, a `BatchIterator` is resumed from `{"next_index": n}`, and processes take
-disjoint contiguous shares of each global batch. Train (split 0) and eval (split 1)
+rebuilt alone, and `batch_iterator` (loader.py) resumes from `{"next_index": n}` and gives
+processes disjoint contiguous shares of each global batch. Train (split 0) and eval (split 1)
 streams never share a generator, whatever the seed.
 
 Batch (numpy, fixed shapes; M = max_shots + 1 media slots, T = 3 * M tokens):
@@ -33,9 +33,11 @@ images or rules, and the answer after j shots is a j-shot prediction, so one k-s
 episode trains 0..k shots at once. (Evaluation batches mark only the query's answer.)
 """
 import dataclasses
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import numpy as np
+
+from flamingo_jax.data import loader
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary: one token per word.
@@ -214,53 +216,19 @@ def collate(examples: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------
 # Training stream.
 
-class BatchIterator:
-  """Training batches, resumable and sharded across processes.
+def train_examples(task: TaskConfig, seed: int):
+  """`example_at(position)` of the train split, for loader.BatchIterator."""
+  def example_at(index: int) -> dict:
+    e = episode(task, seed, TRAIN, index)
+    return {k: e[k] for k in BATCH_KEYS}
+  return example_at
 
-  Global batch n holds examples [n * G, (n + 1) * G) of the train split (G = the global
-  batch size); process p of P yields the contiguous share [p * G/P, (p + 1) * G/P) of it.
-  The state is `{"next_index": the first example of the next global batch}`: plain ints,
-  the same on every process, to be saved with a checkpoint.
-  """
 
-  def __init__(self, global_batch_size: int, *, seed: int = 0, task: TaskConfig = TaskConfig(),
-               process_index: int = 0, process_count: int = 1, state: Mapping | None = None):
-    if global_batch_size <= 0 or global_batch_size % process_count:
-      raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple "
-                       f"of process_count={process_count}")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    self.task, self.seed = task, seed
-    self.global_batch_size = global_batch_size
-    self.local_batch_size = global_batch_size // process_count
-    self.process_index = process_index
-    self.next_index = 0
-    if state is not None:
-      self.set_state(state)
-
-  def get_state(self) -> dict:
-    return {"next_index": int(self.next_index)}
-
-  def set_state(self, state: Mapping) -> None:
-    n = int(state["next_index"])
-    if n < 0 or n % self.global_batch_size:
-      raise ValueError(f"next_index={n} is not a global batch boundary "
-                       f"(global_batch_size={self.global_batch_size})")
-    self.next_index = n
-
-  def batch_at(self, step: int) -> dict:
-    """This process's share of global batch `step`, without moving the iterator."""
-    start = step * self.global_batch_size + self.process_index * self.local_batch_size
-    return collate([episode(self.task, self.seed, TRAIN, i)
-                    for i in range(start, start + self.local_batch_size)])
-
-  def __iter__(self) -> "BatchIterator":
-    return self
-
-  def __next__(self) -> dict:
-    batch = self.batch_at(self.next_index // self.global_batch_size)
-    self.next_index += self.global_batch_size
-    return batch
+def batch_iterator(global_batch_size: int, *, seed: int = 0, task: TaskConfig = TaskConfig(),
+                   **loader_options) -> loader.BatchIterator:
+  """Training batches: example i of the stream is train episode i (see loader.py for the
+  sharding over processes and the `{"next_index": n}` state)."""
+  return loader.BatchIterator(train_examples(task, seed), global_batch_size, **loader_options)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Train state (a plain dict, big_vision style):
   rng                  PRNG key
   nonfinite_total      int32   updates skipped because loss or gradient were not finite
   nonfinite_in_row     int32   consecutive skipped updates (the loop stops past a limit)
+  skipped_records      {dataset: int32[len(loader.SKIP_REASONS)]} records the input
+                       pipeline passed over so far, by reason (summed over the global
+                       batch on device: every process's records, kept across resumes)
 Frozen params are a separate argument, closed over by the loss, never differentiated.
 """
 from typing import Mapping
@@ -30,10 +33,14 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.A
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def init_state(params, optimizer: optax.GradientTransformation, rng) -> dict:
+def init_state(params, optimizer: optax.GradientTransformation, rng,
+               skip_counters: Mapping[str, int] = {}) -> dict:
+  """`skip_counters`: dataset name → number of skip reasons, for datasets whose batches
+  carry `skipped`."""
   zero = jnp.zeros((), jnp.int32)
   return dict(step=zero, params=params, opt=optimizer.init(params), rng=rng,
-              nonfinite_total=zero, nonfinite_in_row=zero)
+              nonfinite_total=zero, nonfinite_in_row=zero,
+              skipped_records={n: jnp.zeros((r,), jnp.int32) for n, r in skip_counters.items()})
 
 
 def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict:
@@ -68,7 +75,10 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
     rng = jax.random.fold_in(state["rng"], state["step"])
     grads = jax.tree.map(jnp.zeros_like, params)
     metrics, total_loss = {}, 0.0
+    skipped_records = dict(state["skipped_records"])
     for i, (name, batch) in enumerate(sorted(batches.items())):
+      if "skipped" in batch:
+        skipped_records[name] = skipped_records[name] + jnp.sum(batch["skipped"], axis=0)
       batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
       count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
       weight = weights[name]
@@ -98,6 +108,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
         rng=state["rng"],
         nonfinite_total=state["nonfinite_total"] + skipped,
         nonfinite_in_row=jnp.where(finite, 0, state["nonfinite_in_row"] + 1),
+        skipped_records=skipped_records,
     )
     metrics.update(loss=total_loss, grad_norm=grad_norm, skipped=skipped,
                    nonfinite_total=new_state["nonfinite_total"])
