@@ -253,6 +253,37 @@ def test_strict_names_file_and_record(tmp_path, kind):
   assert not [p for p in left if "incomplete" in p or "array_record" in p], left
 
 
+def test_worker_processes_prepare_the_same_dataset(tmp_path):
+  """Every kind (bad records included): the same records in the same order, the same
+  summary, and in strict mode the same first error, with 2 worker processes."""
+  d = tmp_path / "raw"
+  docs, images = make_mmc4(d / "mmc4")
+  cases = {"pairs": (make_pairs(d / "pairs"), {}), "webdataset": (make_webdataset(d / "wds"), {}),
+           "mmc4": (docs, {"images_dir": images})}
+  try:
+    import av  # noqa: F401
+    cases["video"] = (make_video(d / "video"), {})
+  except ImportError:
+    pass
+  for kind, (inputs, options) in cases.items():
+    runs = [prepare.prepare(kind, inputs, str(tmp_path / f"out{w}"), num_workers=w, **options)
+            for w in (0, 2)]
+    assert runs[0]["kept"] == runs[1]["kept"] and runs[0]["skipped"] == runs[1]["skipped"], kind
+    serial, parallel = (read_all(r["path"], kind) for r in runs)
+    assert [r["id"] for r in serial] == [r["id"] for r in parallel], kind
+    for a, b in zip(serial, parallel):
+      assert a.keys() == b.keys()
+      for k in a:
+        assert np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k], k
+    errors = []
+    for w in (0, 2):
+      with pytest.raises(raw.RawDataError) as e:
+        prepare.prepare(kind, inputs, str(tmp_path / f"strict{w}"), strict=True,
+                        num_workers=w, **options)
+      errors.append(str(e.value))
+    assert errors[0] == errors[1], kind
+
+
 def test_cli_subprocess_prints_summary_last(tmp_path):
   inputs = make_pairs(tmp_path / "raw")
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))

@@ -1,6 +1,7 @@
 """Convert raw training sources into TFDS array_record datasets.
 
     python -m flamingo_jax.data.prepare KIND --input PATH --output DIR [--tokenizer DIR] [--strict]
+        [--num-workers N]
 
 KIND: mmc4, webdataset, pairs, video (see `raw.py` for each input layout). The dataset
 is written to DIR/flamingo_KIND/1.0.0 (array_record shards + TFDS metadata) and read back
@@ -98,15 +99,17 @@ def tokenizer_metadata(path: str) -> dict:
 
 
 def prepare(kind: str, inputs, output: str, *, tokenizer: str | None = None,
-            strict: bool = False, overwrite: bool = False, **reader_options) -> dict:
-  """Writes the dataset; returns {"kept", "skipped", "path"}."""
+            strict: bool = False, overwrite: bool = False, num_workers: int = 0,
+            **reader_options) -> dict:
+  """Writes the dataset; returns {"kept", "skipped", "path"}. `num_workers` processes
+  make the records (the same dataset, summary and strict error as one process)."""
   if kind not in BUILDERS:
     raise ValueError(f"unknown kind {kind!r}; one of {sorted(BUILDERS)}")
   skips = raw.Skips(strict=strict)
   kept = [0]
 
   def records():
-    for r in raw.READERS[kind](inputs, skip=skips, **reader_options):
+    for r in raw.READERS[kind](inputs, skip=skips, num_workers=num_workers, **reader_options):
       kept[0] += 1
       yield r
 
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
   p.add_argument("--tokenizer", help="tokenizer dir to record in the dataset metadata")
   p.add_argument("--strict", action="store_true", help="stop at the first bad record")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--num-workers", type=int, default=0,
+                 help="processes decoding and re-encoding images (0: this one)")
   p.add_argument("--images-dir", help="(mmc4, pairs, video) base of relative image/video "
                                       "paths; default: the folder of each input file")
   p.add_argument("--max-image-size", type=int, default=0,
@@ -171,7 +176,8 @@ def main(argv=None) -> int:
   tfds.disable_progress_bar()
   try:
     summary = prepare(a.kind, a.input if len(a.input) > 1 else a.input[0], a.output,
-                      tokenizer=a.tokenizer, strict=a.strict, overwrite=a.overwrite, **opts)
+                      tokenizer=a.tokenizer, strict=a.strict, overwrite=a.overwrite,
+                      num_workers=a.num_workers, **opts)
   except raw.RawDataError as e:
     print(f"error (strict): {e}", file=sys.stderr)
     return 1

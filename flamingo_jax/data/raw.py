@@ -28,11 +28,13 @@ import base64
 import binascii
 import collections
 import csv
+import functools
 import glob
 import io
 import json
 import os
 import tarfile
+import threading
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -46,8 +48,11 @@ class RawDataError(ValueError):
   """A bad raw record in strict mode; the message names the file and the record."""
 
   def __init__(self, record_id: str, reason: str, detail: str = ""):
-    self.record_id, self.reason = record_id, reason
+    self.record_id, self.reason, self.detail = record_id, reason, detail
     super().__init__(f"{record_id}: {reason}" + (f": {detail}" if detail else ""))
+
+  def __reduce__(self):  # crosses process boundaries (parallel preparation)
+    return RawDataError, (self.record_id, self.reason, self.detail)
 
 
 class Skips:
@@ -56,11 +61,16 @@ class Skips:
   def __init__(self, strict: bool = False):
     self.strict = strict
     self.counts: collections.Counter = collections.Counter()
+    self._lock = threading.Lock()  # rows are read in a pool's feeder thread
 
   def __call__(self, record_id: str, reason: str, detail: str = "") -> None:
     if self.strict:
       raise RawDataError(record_id, reason, detail)
-    self.counts[reason] += 1
+    self.add(collections.Counter({reason: 1}))
+
+  def add(self, counts: collections.Counter) -> None:
+    with self._lock:
+      self.counts.update(counts)
 
   def as_dict(self) -> dict:
     return dict(sorted(self.counts.items()))
@@ -209,7 +219,7 @@ def _text_field(row: dict, names: tuple[str, ...]) -> str:
 
 def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = None,
               sim_threshold: float = 0.24, one_to_one: bool = True, max_image_size: int = 0,
-              image_format: str = "jpeg") -> Iterator[dict]:
+              image_format: str = "jpeg", num_workers: int = 0) -> Iterator[dict]:
   """MMC4 documents (jsonl shards): `text_list`, `image_info` [{`matched_text_index`,
   `matched_sim`, and `image_name` (relative to images_dir, default: the shard's folder)
   or `image_base64`}], optionally `similarity_matrix` [images][sentences].
@@ -219,20 +229,20 @@ def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = Non
   >= sim_threshold) on the document's similarity matrix; without one, on a matrix that
   holds only each image's matched_text_index / matched_sim. Unplaced images are dropped
   (reason image_unmatched)."""
-  skip = skip if skip is not None else Skips()
-  for path in expand_inputs(inputs, ("jsonl", "json")):
-    base = images_dir or os.path.dirname(path)
-    for rid, doc in _jsonl_rows(path, skip):
-      try:
-        yield _mmc4_doc(rid, doc, base, skip, sim_threshold, one_to_one, max_image_size,
-                        image_format)
-      except _Bad as e:
-        skip(rid, e.reason, e.detail)
+  def rows(skip):
+    for path in expand_inputs(inputs, ("jsonl", "json")):
+      base = images_dir or os.path.dirname(path)
+      for rid, doc in _jsonl_rows(path, skip):
+        yield rid, (doc, base)
+  return _records(rows, functools.partial(
+      _mmc4_doc, sim_threshold=sim_threshold, one_to_one=one_to_one,
+      max_image_size=max_image_size, image_format=image_format), skip, num_workers)
 
 
-def _mmc4_doc(rid, doc, base, skip, sim_threshold, one_to_one, max_image_size,
+def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
               image_format) -> dict:
   from flamingo_jax.data.interleaved import assign_images_to_sentences
+  doc, base = item
   sentences, infos = doc.get("text_list"), doc.get("image_info")
   if not isinstance(sentences, list) or not isinstance(infos, list):
     raise _Bad("missing_field", "needs lists 'text_list' and 'image_info'")
@@ -312,17 +322,17 @@ def _wds_key(name: str) -> tuple[str, str]:
 
 
 def read_webdataset(inputs, *, skip: Skips | None = None, caption_fields=("caption", "text"),
-                    max_image_size: int = 0, image_format: str = "jpeg") -> Iterator[dict]:
+                    max_image_size: int = 0, image_format: str = "jpeg",
+                    num_workers: int = 0) -> Iterator[dict]:
   """Pairs from WebDataset tar shards. Members are grouped by key as WebDataset does
   (consecutive members sharing a key); a group's image is only ever paired with the
   caption of the same group, from KEY.txt or a caption field of KEY.json."""
-  skip = skip if skip is not None else Skips()
-  for path in expand_inputs(inputs, ("tar",)):
-    for rid, members in _tar_groups(path, skip):
-      try:
-        yield _wds_pair(rid, members, caption_fields, max_image_size, image_format)
-      except _Bad as e:
-        skip(rid, e.reason, e.detail)
+  def rows(skip):
+    for path in expand_inputs(inputs, ("tar",)):
+      yield from _tar_groups(path, skip)
+  return _records(rows, functools.partial(
+      _wds_pair, caption_fields=caption_fields, max_image_size=max_image_size,
+      image_format=image_format), skip, num_workers)
 
 
 def _tar_groups(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
@@ -346,7 +356,7 @@ def _tar_groups(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
     yield f"{path}:{key}", members
 
 
-def _wds_pair(rid, members, caption_fields, max_image_size, image_format) -> dict:
+def _wds_pair(rid, members, skip, *, caption_fields, max_image_size, image_format) -> dict:
   image_ext = next((e for e in IMAGE_EXTS if e in members), None)
   if image_ext is None:
     raise _Bad("missing_image", f"members {sorted(members)} hold no image")
@@ -379,19 +389,27 @@ def _wds_pair(rid, members, caption_fields, max_image_size, image_format) -> dic
 def read_pairs(inputs, *, images_dir: str | None = None, skip: Skips | None = None,
                image_fields=("image", "image_path", "file", "filename", "path"),
                caption_fields=("caption", "text"), max_image_size: int = 0,
-               image_format: str = "jpeg") -> Iterator[dict]:
-  skip = skip if skip is not None else Skips()
+               image_format: str = "jpeg", num_workers: int = 0) -> Iterator[dict]:
+  return _records(functools.partial(_table_items, inputs, images_dir), functools.partial(
+      _pair, image_fields=image_fields, caption_fields=caption_fields,
+      max_image_size=max_image_size, image_format=image_format), skip, num_workers)
+
+
+def _table_items(inputs, base_dir, skip):
+  """(id, (row, the base of its relative paths)) for every row of jsonl / csv tables."""
   for path in expand_inputs(inputs, ("jsonl", "json", "csv")):
-    base = images_dir or os.path.dirname(path)
+    base = base_dir or os.path.dirname(path)
     for rid, row in table_rows(path, skip):
-      try:
-        image_path = _text_field(row, tuple(image_fields))
-        caption = _text_field(row, tuple(caption_fields))
-        data = _read_file(_resolve(image_path, base))
-        yield {"id": rid, "image": encode_image(data, max_size=max_image_size, fmt=image_format),
-               "caption": caption}
-      except _Bad as e:
-        skip(rid, e.reason, e.detail)
+      yield rid, (row, base)
+
+
+def _pair(rid, item, skip, *, image_fields, caption_fields, max_image_size, image_format):
+  row, base = item
+  image_path = _text_field(row, tuple(image_fields))
+  caption = _text_field(row, tuple(caption_fields))
+  data = _read_file(_resolve(image_path, base))
+  return {"id": rid, "image": encode_image(data, max_size=max_image_size, fmt=image_format),
+          "caption": caption}
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,28 +456,69 @@ def frame_folder(path: str, *, num_frames: int = 8) -> list[bytes]:
 def read_video(inputs, *, videos_dir: str | None = None, skip: Skips | None = None,
                video_fields=("video", "video_path", "frames", "path", "file"),
                caption_fields=("caption", "text"), num_frames: int = 8, fps: float = 1.0,
-               max_image_size: int = 0, image_format: str = "jpeg") -> Iterator[dict]:
+               max_image_size: int = 0, image_format: str = "jpeg",
+               num_workers: int = 0) -> Iterator[dict]:
+  return _records(functools.partial(_table_items, inputs, videos_dir), functools.partial(
+      _clip, video_fields=video_fields, caption_fields=caption_fields, num_frames=num_frames,
+      fps=fps, max_image_size=max_image_size, image_format=image_format), skip, num_workers)
+
+
+def _clip(rid, item, skip, *, video_fields, caption_fields, num_frames, fps, max_image_size,
+          image_format):
+  row, base = item
+  video = _resolve(_text_field(row, tuple(video_fields)), base)
+  caption = _text_field(row, tuple(caption_fields))
+  if os.path.isdir(video):
+    frames = [encode_image(b, max_size=max_image_size, fmt=image_format)
+              for b in frame_folder(video, num_frames=num_frames)]
+  elif os.path.exists(video):
+    frames = [_encode_pil(im.convert("RGB"), max_size=max_image_size, fmt=image_format,
+                          quality=95)
+              for im in sample_video(video, num_frames=num_frames, fps=fps)]
+  else:
+    raise _Bad("video_unreadable", f"{video} does not exist")
+  if not frames:
+    raise _Bad("video_no_frames", f"{video} gave no frames")
+  return {"id": rid, "frames": frames, "caption": caption}
+
+
+# ---------------------------------------------------------------------------------------
+# Rows → records, here or in worker processes.
+
+def _records(rows, make_record, skip: Skips | None, num_workers: int) -> Iterator[dict]:
+  """`make_record(id, item, skip)` over `rows(skip)` (cheap: lines, tar members), in
+  order. With num_workers > 0 the records (decoding and re-encoding images: the
+  expensive part) are made in that many processes; the output, the skip counts and the
+  strict-mode error are the same as in one process."""
   skip = skip if skip is not None else Skips()
-  for path in expand_inputs(inputs, ("jsonl", "json", "csv")):
-    base = videos_dir or os.path.dirname(path)
-    for rid, row in table_rows(path, skip):
+  if num_workers <= 0:
+    for rid, item in rows(skip):
       try:
-        video = _resolve(_text_field(row, tuple(video_fields)), base)
-        caption = _text_field(row, tuple(caption_fields))
-        if os.path.isdir(video):
-          frames = [encode_image(b, max_size=max_image_size, fmt=image_format)
-                    for b in frame_folder(video, num_frames=num_frames)]
-        elif os.path.exists(video):
-          frames = [_encode_pil(im.convert("RGB"), max_size=max_image_size, fmt=image_format,
-                                quality=95)
-                    for im in sample_video(video, num_frames=num_frames, fps=fps)]
-        else:
-          raise _Bad("video_unreadable", f"{video} does not exist")
-        if not frames:
-          raise _Bad("video_no_frames", f"{video} gave no frames")
-        yield {"id": rid, "frames": frames, "caption": caption}
+        yield make_record(rid, item, skip)
       except _Bad as e:
         skip(rid, e.reason, e.detail)
+    return
+  import multiprocessing
+  work = functools.partial(_record_in_worker, make_record, skip.strict)
+  # spawn: the parent may hold threads (the pool's own, TFDS's) that fork would copy.
+  with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    for record, counts, failure in pool.imap(work, rows(skip), chunksize=4):
+      skip.add(counts)
+      if failure is not None:
+        skip(*failure)  # strict: raises here, naming the record
+      else:
+        yield record
+
+
+def _record_in_worker(make_record, strict: bool, row):
+  rid, item = row
+  skip = Skips(strict)
+  try:
+    return make_record(rid, item, skip), skip.counts, None
+  except RawDataError as e:  # strict, inside the record (an MMC4 document's image)
+    return None, skip.counts, (e.record_id, e.reason, e.detail)
+  except _Bad as e:
+    return None, skip.counts, (rid, e.reason, e.detail)
 
 
 READERS = {"mmc4": read_mmc4, "webdataset": read_webdataset, "pairs": read_pairs,
