@@ -2,7 +2,9 @@
 read with `tfds.data_source`: random access, numpy decoding, no TensorFlow.
 
 The dataset must already be on disk in `data_dir` (nothing is downloaded) in the
-array_record format. Each record becomes an image–text pair (`kind='pairs'`) or a
+array_record format (a tfrecord one is converted once with TFDS's `convert_format`,
+which needs TensorFlow; reading tfrecord directly through `tfds.load` is not supported:
+it has no random access, so no exact global shuffle or resumption). Each record becomes an image–text pair (`kind='pairs'`) or a
 video–text pair (`kind='video'`, `image_key` holding the frames), processed exactly as a
 prepared dataset of that kind (prepared.record_fn). Feature keys are paths into the
 record ('captions/text'); a text feature holding several captions (COCO has five per
@@ -33,8 +35,10 @@ def open_source(name: str, split: str, data_dir: str | None):
   except Exception as e:  # tfds raises AssertionError, DatasetNotFoundError, NotImplementedError…
     raise TfdsSourceError(
         f"tfds dataset {name!r} split {split!r} in data_dir={data_dir!r}: {type(e).__name__}: "
-        f"{e}. Prepare it there first (it is never downloaded at training time); "
-        "tfds.data_source reads the array_record format only") from e
+        f"{e}. Prepare it there first (it is never downloaded at training time). "
+        "tfds.data_source reads the array_record format only: convert a tfrecord dataset "
+        "once with `tfds convert_format --dataset_version_dir=DATA_DIR/NAME/CONFIG/VERSION "
+        "--out_file_format=array_record` (needs TensorFlow)") from e
 
 
 def feature(record: dict, key: str, name: str):
