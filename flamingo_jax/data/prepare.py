@@ -3,7 +3,8 @@
     python -m flamingo_jax.data.prepare KIND --input PATH --output DIR [--tokenizer DIR] [--strict]
         [--num-workers N]
 
-KIND: mmc4, webdataset, pairs, video (see `raw.py` for each input layout). The dataset
+KIND: mmc4, webdataset, pairs, video (see `raw.py` for each input layout), and tfds (a
+TFDS catalog split already in `--data-dir`, `--input NAME[:SPLIT]`: tfds_source.py). The dataset
 is written to DIR/flamingo_KIND/1.0.0 (array_record shards + TFDS metadata) and read back
 by `prepared.py` with `tfds.builder_from_directory(...).as_data_source(...)`: neither
 step needs TensorFlow (the features used — Text, Tensor, Sequence — encode and decode
@@ -52,7 +53,17 @@ FEATURES = {
     "video": lambda: tfds.features.FeaturesDict({
         "id": tfds.features.Text(), "frames": tfds.features.Sequence(_BYTES()),
         "caption": tfds.features.Text()}),
+    # A TFDS catalog split (tfds_source.read_tfds): every caption of an image is kept,
+    # and training draws one per example.
+    "tfds": lambda: tfds.features.FeaturesDict({
+        "id": tfds.features.Text(), "image": _BYTES(),
+        "captions": tfds.features.Sequence(tfds.features.Text())}),
 }
+
+
+def readers() -> dict:
+  from flamingo_jax.data import tfds_source
+  return dict(raw.READERS, tfds=tfds_source.read_tfds)
 
 
 class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -109,7 +120,7 @@ def prepare(kind: str, inputs, output: str, *, tokenizer: str | None = None,
   kept = [0]
 
   def records():
-    for r in raw.READERS[kind](inputs, skip=skips, num_workers=num_workers, **reader_options):
+    for r in readers()[kind](inputs, skip=skips, num_workers=num_workers, **reader_options):
       kept[0] += 1
       yield r
 
@@ -145,7 +156,7 @@ def main(argv=None) -> int:
   p.add_argument("kind", choices=sorted(BUILDERS))
   p.add_argument("--input", required=True, nargs="+",
                  help="file(s), folder(s) or glob(s): jsonl shards (mmc4), tar shards "
-                      "(webdataset), jsonl/csv tables (pairs, video)")
+                      "(webdataset), jsonl/csv tables (pairs, video); NAME[:SPLIT] (tfds)")
   p.add_argument("--output", required=True, help="data dir; the dataset goes in OUTPUT/flamingo_KIND/")
   p.add_argument("--tokenizer", help="tokenizer dir to record in the dataset metadata")
   p.add_argument("--strict", action="store_true", help="stop at the first bad record")
@@ -162,6 +173,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-one-to-one", action="store_true",
                  help="(mmc4) each image to its best sentence, not a one-to-one matching")
   p.add_argument("--num-frames", type=int, default=8, help="(video) frames per clip")
+  p.add_argument("--data-dir", help="(tfds) the TFDS data_dir holding the dataset")
+  p.add_argument("--image-key", help="(tfds) image feature, e.g. image")
+  p.add_argument("--text-key", help="(tfds) caption feature, e.g. captions/text")
   p.add_argument("--fps", type=float, default=1.0, help="(video) sampling rate")
   a = p.parse_args(argv)
   opts = {"max_image_size": a.max_image_size, "image_format": a.image_format}
@@ -169,6 +183,8 @@ def main(argv=None) -> int:
     opts["images_dir"] = a.images_dir
   if a.kind == "mmc4":
     opts.update(sim_threshold=a.sim_threshold, one_to_one=not a.no_one_to_one)
+  if a.kind == "tfds":
+    opts.update(data_dir=a.data_dir, image_key=a.image_key, text_key=a.text_key)
   if a.kind == "video":
     opts.update(num_frames=a.num_frames, fps=a.fps)
     if a.images_dir:

@@ -70,7 +70,7 @@ def _to_python(record: dict) -> dict:
   for k, v in record.items():
     if k in ("id", "caption"):
       v = v.decode("utf-8") if isinstance(v, bytes) else v
-    elif k == "sentences":
+    elif k in ("sentences", "captions"):
       v = [s.decode("utf-8") if isinstance(s, bytes) else s for s in v]
     elif k in ("images", "frames"):
       v = list(v)
@@ -149,7 +149,7 @@ def record_fn(kind: str, tokenizer_and_specials, **options):
           doc, tokenizer_and_specials, config, rng,
           image_fn=lambda payload: pixels(payload[1], [base, payload[0]]))
 
-  elif kind in ("pairs", "webdataset", "video"):
+  elif kind in ("pairs", "webdataset", "video", "tfds"):
     pair_config = pairs.PairConfig(seq_len=o["seq_len"] or 32,
                                    prepend_space_p=o["prepend_space_p"], rules=o["rules"],
                                    add_eos=o["add_eos"])
@@ -163,8 +163,9 @@ def record_fn(kind: str, tokenizer_and_specials, **options):
         if not frames:
           raise loader.SkipRecord("video_no_frames")
         media = np.stack(frames + [frames[-1]] * (o["num_frames"] - len(frames)))
-      return pairs.pair_example(media, record["caption"], tokenizer_and_specials,
-                                pair_config, rng)
+      caption = (record["caption"] if "caption" in record  # tfds: one of its captions
+                 else record["captions"][int(rng.integers(len(record["captions"])))])
+      return pairs.pair_example(media, caption, tokenizer_and_specials, pair_config, rng)
   else:
     raise PreparedDataError(f"unknown dataset kind {kind!r}")
 

@@ -76,7 +76,9 @@ class Skips:
     return dict(sorted(self.counts.items()))
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
+  """Raised while making a record: skipped and counted under `reason`."""
+
   def __init__(self, reason: str, detail: str = ""):
     super().__init__(detail)
     self.reason, self.detail = reason, detail
@@ -93,7 +95,7 @@ def encode_image(data: bytes, *, max_size: int = 0, fmt: str = "jpeg", quality: 
       im.load()
       im = im.convert("RGB")
   except Exception as e:  # PIL raises many types for bad data
-    raise _Bad("image_corrupt", f"{type(e).__name__}: {e}") from None
+    raise BadRecord("image_corrupt", f"{type(e).__name__}: {e}") from None
   return _encode_pil(im, max_size=max_size, fmt=fmt, quality=quality)
 
 
@@ -117,7 +119,7 @@ def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
       return f.read()
   except OSError as e:
-    raise _Bad("image_missing", f"{path}: {e.strerror or e}") from None
+    raise BadRecord("image_missing", f"{path}: {e.strerror or e}") from None
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -207,11 +209,11 @@ def _text_field(row: dict, names: tuple[str, ...]) -> str:
     if k in row:
       v = row[k]
       if not isinstance(v, str):
-        raise _Bad("missing_field", f"{k!r} is a {type(v).__name__}, not a string")
+        raise BadRecord("missing_field", f"{k!r} is a {type(v).__name__}, not a string")
       if not v.strip():
-        raise _Bad("empty_text", f"{k!r} is empty")
+        raise BadRecord("empty_text", f"{k!r} is empty")
       return v
-  raise _Bad("missing_field", f"none of {list(names)} in the record")
+  raise BadRecord("missing_field", f"none of {list(names)} in the record")
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = Non
       base = images_dir or os.path.dirname(path)
       for rid, doc in _jsonl_rows(path, skip):
         yield rid, (doc, base)
-  return _records(rows, functools.partial(
+  return records(rows, functools.partial(
       _mmc4_doc, sim_threshold=sim_threshold, one_to_one=one_to_one,
       max_image_size=max_image_size, image_format=image_format), skip, num_workers)
 
@@ -245,36 +247,36 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
   doc, base = item
   sentences, infos = doc.get("text_list"), doc.get("image_info")
   if not isinstance(sentences, list) or not isinstance(infos, list):
-    raise _Bad("missing_field", "needs lists 'text_list' and 'image_info'")
+    raise BadRecord("missing_field", "needs lists 'text_list' and 'image_info'")
   if not all(isinstance(s, str) for s in sentences):
-    raise _Bad("missing_field", "'text_list' holds a non-string")
+    raise BadRecord("missing_field", "'text_list' holds a non-string")
   if not any(s.strip() for s in sentences):
-    raise _Bad("empty_text", "every sentence is empty")
+    raise BadRecord("empty_text", "every sentence is empty")
   sim_matrix = doc.get("similarity_matrix")
   images, matched, sims, sim_rows = [], [], [], []
   for j, info in enumerate(infos):
     iid = f"{rid}: image {j}"
     try:
       if not isinstance(info, dict):
-        raise _Bad("missing_field", "image_info entry is not an object")
+        raise BadRecord("missing_field", "image_info entry is not an object")
       t = info.get("matched_text_index")
       if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < len(sentences):
-        raise _Bad("text_index_out_of_range",
+        raise BadRecord("text_index_out_of_range",
                    f"matched_text_index={t!r}, the document has {len(sentences)} sentences")
       if info.get("image_base64") is not None or info.get("base64") is not None:
         try:
           data = base64.b64decode(info.get("image_base64") or info.get("base64"), validate=True)
         except (binascii.Error, TypeError, ValueError) as e:
-          raise _Bad("image_corrupt", f"bad base64: {e}") from None
+          raise BadRecord("image_corrupt", f"bad base64: {e}") from None
       elif isinstance(info.get("image_name"), str):
         data = _read_file(_resolve(info["image_name"], base))
       else:
-        raise _Bad("image_missing", "neither 'image_name' nor 'image_base64'")
+        raise BadRecord("image_missing", "neither 'image_name' nor 'image_base64'")
       encoded = encode_image(data, max_size=max_image_size, fmt=image_format)
       sim = float(info.get("matched_sim", 1.0))
-    except (_Bad, TypeError, ValueError) as e:
-      if not isinstance(e, _Bad):
-        e = _Bad("missing_field", f"{type(e).__name__}: {e}")
+    except (BadRecord, TypeError, ValueError) as e:
+      if not isinstance(e, BadRecord):
+        e = BadRecord("missing_field", f"{type(e).__name__}: {e}")
       skip(iid, e.reason, e.detail)
       continue
     images.append((j, encoded))
@@ -283,7 +285,7 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
     if isinstance(sim_matrix, list) and j < len(sim_matrix):
       sim_rows.append(sim_matrix[j])
   if not images:
-    raise _Bad("no_usable_image", f"none of its {len(infos)} images could be used")
+    raise BadRecord("no_usable_image", f"none of its {len(infos)} images could be used")
 
   similarity, from_doc = None, False
   if isinstance(sim_matrix, list) and len(sim_rows) == len(images):
@@ -303,7 +305,7 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
       skip(f"{rid}: image {images[k][0]}", "image_unmatched",
            f"not placed (similarity threshold {sim_threshold}, one_to_one={one_to_one})")
   if not kept:
-    raise _Bad("no_usable_image", "no image placed before a sentence")
+    raise BadRecord("no_usable_image", "no image placed before a sentence")
   return {"id": rid, "sentences": sentences, "images": [images[k][1] for k in kept],
           "image_sentence": np.asarray([where[k] for k in kept], np.int32),
           "image_sim": similarity[kept, np.asarray([where[k] for k in kept])].astype(np.float32),
@@ -330,7 +332,7 @@ def read_webdataset(inputs, *, skip: Skips | None = None, caption_fields=("capti
   def rows(skip):
     for path in expand_inputs(inputs, ("tar",)):
       yield from _tar_groups(path, skip)
-  return _records(rows, functools.partial(
+  return records(rows, functools.partial(
       _wds_pair, caption_fields=caption_fields, max_image_size=max_image_size,
       image_format=image_format), skip, num_workers)
 
@@ -359,26 +361,26 @@ def _tar_groups(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
 def _wds_pair(rid, members, skip, *, caption_fields, max_image_size, image_format) -> dict:
   image_ext = next((e for e in IMAGE_EXTS if e in members), None)
   if image_ext is None:
-    raise _Bad("missing_image", f"members {sorted(members)} hold no image")
+    raise BadRecord("missing_image", f"members {sorted(members)} hold no image")
   if "txt" in members:
     try:
       caption = members["txt"].decode("utf-8")
     except UnicodeDecodeError as e:
-      raise _Bad("invalid_utf8", f".txt: {e}") from None
+      raise BadRecord("invalid_utf8", f".txt: {e}") from None
     if not caption.strip():
-      raise _Bad("empty_text", ".txt is empty")
+      raise BadRecord("empty_text", ".txt is empty")
   elif "json" in members:
     try:
       meta = json.loads(members["json"].decode("utf-8"))
     except UnicodeDecodeError as e:
-      raise _Bad("invalid_utf8", f".json: {e}") from None
+      raise BadRecord("invalid_utf8", f".json: {e}") from None
     except json.JSONDecodeError as e:
-      raise _Bad("bad_json", f".json: {e}") from None
+      raise BadRecord("bad_json", f".json: {e}") from None
     if not isinstance(meta, dict):
-      raise _Bad("bad_json", ".json is not an object")
+      raise BadRecord("bad_json", ".json is not an object")
     caption = _text_field(meta, tuple(caption_fields))
   else:
-    raise _Bad("missing_caption", f"members {sorted(members)} hold no .txt or .json")
+    raise BadRecord("missing_caption", f"members {sorted(members)} hold no .txt or .json")
   return {"id": rid, "image": encode_image(members[image_ext], max_size=max_image_size,
                                            fmt=image_format), "caption": caption}
 
@@ -390,7 +392,7 @@ def read_pairs(inputs, *, images_dir: str | None = None, skip: Skips | None = No
                image_fields=("image", "image_path", "file", "filename", "path"),
                caption_fields=("caption", "text"), max_image_size: int = 0,
                image_format: str = "jpeg", num_workers: int = 0) -> Iterator[dict]:
-  return _records(functools.partial(_table_items, inputs, images_dir), functools.partial(
+  return records(functools.partial(_table_items, inputs, images_dir), functools.partial(
       _pair, image_fields=image_fields, caption_fields=caption_fields,
       max_image_size=max_image_size, image_format=image_format), skip, num_workers)
 
@@ -417,14 +419,14 @@ def _pair(rid, item, skip, *, image_fields, caption_fields, max_image_size, imag
 
 def sample_video(path: str, *, num_frames: int = 8, fps: float = 1.0) -> list[Image.Image]:
   """Up to `num_frames` frames at `fps`: the first frame at or after t = 0, 1/fps, 2/fps, …
-  (fewer when the video is shorter). Raises _Bad('video_unreadable') for what PyAV cannot
+  (fewer when the video is shorter). Raises BadRecord('video_unreadable') for what PyAV cannot
   open or decode."""
   import av  # PyAV; imported here so the other kinds work without it
   frames: list[Image.Image] = []
   try:
     with av.open(path) as container:
       if not container.streams.video:
-        raise _Bad("video_unreadable", "no video stream")
+        raise BadRecord("video_unreadable", "no video stream")
       stream = container.streams.video[0]
       tb = stream.time_base
       next_t = 0.0
@@ -437,10 +439,10 @@ def sample_video(path: str, *, num_frames: int = 8, fps: float = 1.0) -> list[Im
           next_t += 1.0 / fps
           if len(frames) == num_frames:
             break
-  except _Bad:
+  except BadRecord:
     raise
   except Exception as e:  # av.error.* and OSError for unreadable or corrupt files
-    raise _Bad("video_unreadable", f"{type(e).__name__}: {e}") from None
+    raise BadRecord("video_unreadable", f"{type(e).__name__}: {e}") from None
   return frames
 
 
@@ -458,7 +460,7 @@ def read_video(inputs, *, videos_dir: str | None = None, skip: Skips | None = No
                caption_fields=("caption", "text"), num_frames: int = 8, fps: float = 1.0,
                max_image_size: int = 0, image_format: str = "jpeg",
                num_workers: int = 0) -> Iterator[dict]:
-  return _records(functools.partial(_table_items, inputs, videos_dir), functools.partial(
+  return records(functools.partial(_table_items, inputs, videos_dir), functools.partial(
       _clip, video_fields=video_fields, caption_fields=caption_fields, num_frames=num_frames,
       fps=fps, max_image_size=max_image_size, image_format=image_format), skip, num_workers)
 
@@ -476,16 +478,16 @@ def _clip(rid, item, skip, *, video_fields, caption_fields, num_frames, fps, max
                           quality=95)
               for im in sample_video(video, num_frames=num_frames, fps=fps)]
   else:
-    raise _Bad("video_unreadable", f"{video} does not exist")
+    raise BadRecord("video_unreadable", f"{video} does not exist")
   if not frames:
-    raise _Bad("video_no_frames", f"{video} gave no frames")
+    raise BadRecord("video_no_frames", f"{video} gave no frames")
   return {"id": rid, "frames": frames, "caption": caption}
 
 
 # ---------------------------------------------------------------------------------------
 # Rows → records, here or in worker processes.
 
-def _records(rows, make_record, skip: Skips | None, num_workers: int) -> Iterator[dict]:
+def records(rows, make_record, skip: Skips | None, num_workers: int) -> Iterator[dict]:
   """`make_record(id, item, skip)` over `rows(skip)` (cheap: lines, tar members), in
   order. With num_workers > 0 the records (decoding and re-encoding images: the
   expensive part) are made in that many processes; the output, the skip counts and the
@@ -495,7 +497,7 @@ def _records(rows, make_record, skip: Skips | None, num_workers: int) -> Iterato
     for rid, item in rows(skip):
       try:
         yield make_record(rid, item, skip)
-      except _Bad as e:
+      except BadRecord as e:
         skip(rid, e.reason, e.detail)
     return
   import multiprocessing
@@ -517,7 +519,7 @@ def _record_in_worker(make_record, strict: bool, row):
     return make_record(rid, item, skip), skip.counts, None
   except RawDataError as e:  # strict, inside the record (an MMC4 document's image)
     return None, skip.counts, (e.record_id, e.reason, e.detail)
-  except _Bad as e:
+  except BadRecord as e:
     return None, skip.counts, (rid, e.reason, e.detail)
 
 
