@@ -107,8 +107,7 @@ class BatchIterator:
 
   def batch_at(self, step: int) -> dict:
     """This process's share of global batch `step`, without moving the iterator."""
-    local = self.local_batch_size
-    at = _LocalExample(self.example_at, self.global_batch_size, local, self.process_index)
+    at, local = self._local_example(), self.local_batch_size
     return collate([at(step * local + i) for i in range(local)])
 
   def get_state(self) -> dict:
@@ -122,11 +121,13 @@ class BatchIterator:
     self.close()
     self.next_index = n
 
+  def _local_example(self) -> "_LocalExample":
+    return _LocalExample(self.example_at, self.global_batch_size, self.local_batch_size,
+                         self.process_index)
+
   def _pipeline(self):
     step0, local = self.next_index // self.global_batch_size, self.local_batch_size
-    # Local element j (from step0 on) is example j % L of this process's share of batch j // L.
-    ds = grain.MapDataset.range(step0 * local, sys.maxsize).map(
-        _LocalExample(self.example_at, self.global_batch_size, local, self.process_index))
+    ds = grain.MapDataset.range(step0 * local, sys.maxsize).map(self._local_example())
     ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=self.num_threads, prefetch_buffer_size=2 * local if self.num_threads else 0))
     if self.num_workers:  # before batching, so workers interleave examples in order
@@ -154,8 +155,8 @@ class BatchIterator:
 
 
 class _LocalExample:
-  """Local element j → the example at its global position (a class, not a closure, so
-  that grain can pickle it for worker processes)."""
+  """Local element j is example j % L of this process's share of global batch j // L
+  (a class, not a closure, so that grain can pickle it for worker processes)."""
 
   def __init__(self, example_at: ExampleFn, global_batch_size: int, local_batch_size: int,
                process_index: int):
