@@ -11,8 +11,9 @@ Sources:
   prepared   a dataset written by `python -m flamingo_jax.data.prepare` (prepared.py):
              `path` (the output dir or the dataset dir), optional `kind` (checked against
              the dataset), `tokenizer` (default: the one recorded at preparation).
-  tfds       a TFDS catalog dataset already on disk (tfds_source.py): `name`, `split`,
-             `data_dir`, `tokenizer`, `kind` ('pairs' or 'video'), `image_key`, `text_key`.
+  tfds       an image–caption TFDS catalog dataset already on disk, read in place
+             (tfds_source.py): `name`, `split`, `data_dir`, `tokenizer`, `image_key`,
+             `text_key`.
 prepared and tfds also take `seed`, `max_attempts` and the processing options of
 prepared.PROCESSING_DEFAULTS (image_size, image_mode, augment, seq_len, rules, max_images,
 p_next, single_image_drop_p, prepend_space_p, add_eos, num_frames); their batches carry
@@ -25,8 +26,8 @@ _COMMON = {"source", "batch_size", "weight", "num_threads", "num_workers"}
 _KEYS = {
     "synthetic": _COMMON | {"task", "seed"},
     "prepared": _COMMON | {"path", "kind", "tokenizer", "seed", "max_attempts"},
-    "tfds": _COMMON | {"name", "split", "data_dir", "tokenizer", "kind", "image_key",
-                       "text_key", "seed", "max_attempts"},
+    "tfds": _COMMON | {"name", "split", "data_dir", "tokenizer", "image_key", "text_key",
+                       "seed", "max_attempts"},
 }
 _REQUIRED = {
     "prepared": {"path": "the --output dir of `python -m flamingo_jax.data.prepare`"},

@@ -9,11 +9,10 @@ Two ways in, both from a `data_dir` that already holds the dataset (never downlo
     `tfds.data_source`, or with `tfds.load` when the dataset is in another format
     (tfrecord) and TensorFlow is installed. Then train with source='prepared'.
 
-In training, each record becomes an image–text pair (`kind='pairs'`) or a
-video–text pair (`kind='video'`, `image_key` holding the frames), processed exactly as a
-prepared dataset of that kind (prepared.record_fn). Feature keys are paths into the
-record ('captions/text'); a text feature holding several captions (COCO has five per
-image) gives one of them, drawn per example.
+In training, each record becomes an image–text pair, processed exactly as a prepared
+'tfds' dataset (prepared.record_fn). Feature keys are paths into the record
+('captions/text'); a text feature holding several captions (COCO has five per image)
+gives one of them, drawn per example.
 
 Order, skips, batches, sharding and state: loader.py, as for prepared datasets.
 """
@@ -57,48 +56,37 @@ def feature(record: dict, key: str, name: str):
   return value
 
 
-def _text(value) -> str | bytes:
-  if isinstance(value, (bytes, str)):
-    return value
-  raise TfdsSourceError(f"expected a text feature, got {type(value).__name__}")
-
-
-def to_pair_record(record: dict, rng: np.random.Generator, *, image_key: str, text_key: str,
-                   kind: str, name: str) -> dict:
-  """A catalog record → the prepared layout of `kind` (`image` or `frames`, `caption`)."""
-  text = feature(record, text_key, name)
-  if isinstance(text, (list, tuple, np.ndarray)):  # several captions: one per example
-    if len(text) == 0:
-      raise loader.SkipRecord("empty_text", f"{text_key} holds no caption")
-    text = text[int(rng.integers(len(text)))]
-  media = feature(record, image_key, name)
-  out = {"caption": _text(text)}
-  if kind == "video":
-    out["frames"] = list(media)
-  else:
-    out["image"] = media
-  return out
+def catalog_record(record: dict, *, image_key: str, text_key: str, name: str) -> dict:
+  """A catalog record → the prepared 'tfds' layout {"image", "captions"}."""
+  texts = feature(record, text_key, name)
+  captions = list(texts) if isinstance(texts, (list, tuple, np.ndarray)) else [texts]
+  if not all(isinstance(t, (bytes, str)) for t in captions):
+    raise TfdsSourceError(f"{name}: {text_key} is not a text feature")
+  captions = [t for t in captions if t.strip()]
+  if not captions:
+    raise loader.SkipRecord("empty_text", f"{text_key} holds no non-blank caption")
+  return {"image": feature(record, image_key, name), "captions": captions}
 
 
 def build_iterator(name: str, global_batch_size: int, *, tokenizer: str, split: str = "train",
-                   data_dir: str | None = None, kind: str = "pairs",
-                   image_key: str | None = None, text_key: str | None = None, seed: int = 0,
+                   data_dir: str | None = None, image_key: str | None = None, text_key: str | None = None, seed: int = 0,
                    max_attempts: int = 32, process_index: int = 0, process_count: int = 1,
                    num_threads: int = 0, num_workers: int = 0, state=None,
                    **processing) -> loader.BatchIterator:
   from flamingo_jax.data import tokenizer as tokenizer_lib
-  if kind not in ("pairs", "video"):
-    raise TfdsSourceError(f"kind={kind!r}: a tfds source gives 'pairs' or 'video'")
   image_key, text_key = _keys(name, image_key, text_key)
   source = open_source(name, split, data_dir)
-  if len(source):  # a wrong key fails here, naming the features, not mid-training
-    to_pair_record(source[0], np.random.default_rng(0), image_key=image_key,
-                   text_key=text_key, kind=kind, name=name)
-  process = prepared.record_fn(kind, tokenizer_lib.load_tokenizer(tokenizer), **processing)
+  if len(source) == 0:
+    raise TfdsSourceError(f"tfds dataset {name!r} split {split!r}: no records")
+  try:  # a wrong key fails here, naming the features, not mid-training
+    catalog_record(source[0], image_key=image_key, text_key=text_key, name=name)
+  except loader.SkipRecord:
+    pass  # the keys are right; this record is skipped when read
+  process = prepared.record_fn("tfds", tokenizer_lib.load_tokenizer(tokenizer), **processing)
 
   def build(record, rng):
-    return process(to_pair_record(record, rng, image_key=image_key, text_key=text_key,
-                                  kind=kind, name=name), rng)
+    return process(catalog_record(record, image_key=image_key, text_key=text_key, name=name),
+                   rng)
   example_at = loader.shuffled_records(source, build, seed=seed, name=f"tfds:{name}/{split}",
                                        max_attempts=max_attempts)
   return loader.BatchIterator(example_at, global_batch_size, process_index=process_index,
@@ -171,20 +159,15 @@ def _catalog_records(name, split, data_dir, image_key):
 def _captioned_image(rid, record, skip, *, image_key, text_key, name, max_image_size,
                      image_format) -> dict:
   from flamingo_jax.data import raw
-  texts = feature(record, text_key, name)
-  texts = list(texts) if isinstance(texts, (list, tuple, np.ndarray)) else [texts]
-  captions = []
-  for t in texts:
-    try:
-      t = t.decode("utf-8") if isinstance(t, bytes) else str(t)
-    except UnicodeDecodeError as e:
-      raise raw.BadRecord("invalid_utf8", f"{text_key}: {e}") from None
-    if t.strip():
-      captions.append(t)
-  if not captions:
-    raise raw.BadRecord("empty_text", f"{text_key} holds no caption")
-  image = feature(record, image_key, name)
-  if not isinstance(image, bytes):
+  try:
+    record = catalog_record(record, image_key=image_key, text_key=text_key, name=name)
+  except loader.SkipRecord as e:
+    raise raw.BadRecord(e.reason, str(e)) from None
+  try:
+    captions = [t.decode("utf-8") if isinstance(t, bytes) else t for t in record["captions"]]
+  except UnicodeDecodeError as e:
+    raise raw.BadRecord("invalid_utf8", f"{text_key}: {e}") from None
+  if not isinstance(record["image"], bytes):
     raise TfdsSourceError(f"{name}: {image_key} is not an encoded image feature")
-  return {"id": rid, "image": raw.encode_image(image, max_size=max_image_size,
+  return {"id": rid, "image": raw.encode_image(record["image"], max_size=max_image_size,
                                                fmt=image_format), "captions": captions}
