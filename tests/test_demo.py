@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import jax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train as train_lib  # noqa: E402
@@ -14,13 +16,17 @@ def test_demo_learns_in_context(tmp_path):
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   workdir = str(tmp_path)
-  train_lib.train(demo.get_config(), workdir)
+  # One device, as the README command runs on a CPU (the suite simulates eight).
+  train_lib.train(demo.get_config(), workdir, devices=jax.devices()[:1])
   with open(os.path.join(workdir, "demo_results.json")) as f:
     result = json.load(f)
   assert set(result) == {"accuracy", "chance", "episodes"}
   a0, a4 = result["accuracy"]["0"], result["accuracy"]["4"]
-  assert a4 > a0 + 0.1, result  # reading the context helps: Flamingo's signature ability
-  assert a4 > 3 * result["chance"], result
+  # Reading the context is Flamingo's signature ability: 4 shots must beat 0 shots and
+  # chance clearly. (Measured here: 1.0 at 4 shots; but a run that stays on the colour-only
+  # plateau, as one did on 8 devices, reaches only ≈ 0.61, so the bound leaves room for
+  # other CPUs' rounding.)
+  assert a4 > a0 + 0.1 and a4 > 3 * result["chance"], result
   assert os.path.getsize(os.path.join(workdir, "loss.png")) > 0
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert rows[-1]["step"] == 1200 and rows[-1]["loss"] < rows[0]["loss"]
+  assert rows[-1]["step"] == 1500 and rows[-1]["loss"] < rows[0]["loss"]
