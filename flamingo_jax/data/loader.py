@@ -160,8 +160,11 @@ class _LocalExample:
 
   def __init__(self, example_at: ExampleFn, global_batch_size: int, local_batch_size: int,
                process_index: int):
-    self.example_at, self.g, self.l, self.p = example_at, global_batch_size, local_batch_size, process_index
+    self.example_at = example_at
+    self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
+    self.process_index = process_index
 
   def __call__(self, j: int) -> dict:
-    step, i = divmod(int(j), self.l)
-    return self.example_at(step * self.g + self.p * self.l + i)
+    step, i = divmod(int(j), self.local_batch_size)
+    return self.example_at(step * self.global_batch_size
+                           + self.process_index * self.local_batch_size + i)

@@ -69,10 +69,13 @@ def catalog_record(record: dict, *, image_key: str, text_key: str, name: str) ->
 
 
 def build_iterator(name: str, global_batch_size: int, *, tokenizer: str, split: str = "train",
-                   data_dir: str | None = None, image_key: str | None = None, text_key: str | None = None, seed: int = 0,
-                   max_attempts: int = 32, process_index: int = 0, process_count: int = 1,
+                   data_dir: str | None = None, image_key: str | None = None,
+                   text_key: str | None = None, seed: int = 0, max_attempts: int = 32,
+                   process_index: int = 0, process_count: int = 1,
                    num_threads: int = 0, num_workers: int = 0, state=None,
                    **processing) -> loader.BatchIterator:
+  """Batches of the split read in place (`processing`: prepared.PROCESSING_DEFAULTS; the
+  loader options: loader.BatchIterator)."""
   from flamingo_jax.data import tokenizer as tokenizer_lib
   image_key, text_key = _keys(name, image_key, text_key)
   source = open_source(name, split, data_dir)
