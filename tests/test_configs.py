@@ -1,5 +1,4 @@
 """Configs: published parameter counts, the summary CLI, and config errors that name the field."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -7,18 +6,9 @@ import sys
 
 import pytest
 
+from config_files import ROOT, load_config
 from flamingo_jax import summary
 from flamingo_jax.config import ConfigError, FlamingoConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
 
 # (config, published total, published trainable, tolerance): the paper's Tables 4-5 within
 # 3%; OpenFlamingo's trainable counts (embeddings aside) within 0.5%.

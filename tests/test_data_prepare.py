@@ -221,7 +221,6 @@ def test_mmc4_summary_and_structure(tmp_path, capsys):
 
 
 def test_video_summary_and_frames(tmp_path, capsys):
-  pytest.importorskip("av")
   summary = run_cli(capsys, "video", "--input", make_video(tmp_path / "raw"),
                     "--output", tmp_path / "out")
   assert summary == {"kept": 4, "skipped": {"video_unreadable": 2}}
@@ -244,7 +243,6 @@ def test_strict_names_file_and_record(tmp_path, kind):
     (inputs, images), where = make_mmc4(d), "docs.jsonl:3: image 1: text_index_out_of_range"
     options["images_dir"] = images
   else:
-    pytest.importorskip("av")
     inputs, where = make_video(d), "videos.jsonl:5: video_unreadable"
   with pytest.raises(raw.RawDataError, match=r"\S*" + where.replace(".", r"\.")) as e:
     prepare.prepare(kind, inputs, str(tmp_path / "out"), strict=True, **options)
@@ -259,12 +257,7 @@ def test_worker_processes_prepare_the_same_dataset(tmp_path):
   d = tmp_path / "raw"
   docs, images = make_mmc4(d / "mmc4")
   cases = {"pairs": (make_pairs(d / "pairs"), {}), "webdataset": (make_webdataset(d / "wds"), {}),
-           "mmc4": (docs, {"images_dir": images})}
-  try:
-    import av  # noqa: F401
-    cases["video"] = (make_video(d / "video"), {})
-  except ImportError:
-    pass
+           "mmc4": (docs, {"images_dir": images}), "video": (make_video(d / "video"), {})}
   for kind, (inputs, options) in cases.items():
     runs = [prepare.prepare(kind, inputs, str(tmp_path / f"out{w}"), num_workers=w, **options)
             for w in (0, 2)]
@@ -313,12 +306,8 @@ def datasets(tmp_path_factory, tokenizer_dir):
   docs, images = make_mmc4(d / "mmc4")
   out["mmc4"] = prepare.prepare("mmc4", docs, str(d / "out"), images_dir=images,
                                 tokenizer=tokenizer_dir)["path"]
-  try:
-    import av  # noqa: F401
-    out["video"] = prepare.prepare("video", make_video(d / "video"), str(d / "out"),
-                                   tokenizer=tokenizer_dir)["path"]
-  except ImportError:
-    pass
+  out["video"] = prepare.prepare("video", make_video(d / "video"), str(d / "out"),
+                                 tokenizer=tokenizer_dir)["path"]
   return out
 
 
@@ -358,8 +347,6 @@ def test_mmc4_batches_place_images_before_their_sentences(datasets, tokenizer_di
 
 
 def test_video_batches(datasets, tokenizer_dir):
-  if "video" not in datasets:
-    pytest.skip("PyAV not installed")
   it = prepared.build_iterator(datasets["video"], 4, seed=1, seq_len=12, **SMALL)
   b = next(it)
   assert b["images"].shape == (4, 1, 8, 16, 16, 3)

@@ -1,23 +1,20 @@
 """The README's main command: the demo learns in context (4 shots beat 0 shots and chance)."""
-import importlib.util
 import json
 import os
 import sys
 
 import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import ROOT, load_config
+
 sys.path.insert(0, ROOT)
 import train as train_lib  # noqa: E402
 
 
 def test_demo_learns_in_context(tmp_path):
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
   workdir = str(tmp_path)
   # One device, as the README command runs on a CPU (the suite simulates eight).
-  train_lib.train(demo.get_config(), workdir, devices=jax.devices()[:1])
+  train_lib.train(load_config("demo"), workdir, devices=jax.devices()[:1])
   with open(os.path.join(workdir, "demo_results.json")) as f:
     result = json.load(f)
   assert set(result) == {"accuracy", "chance", "episodes"}

@@ -1,28 +1,22 @@
 """Flamingo end to end on the tiny config: gates, image-causal masking, text-only, bad input."""
-import importlib.util
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from config_files import load_config
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.inputs import FlamingoInputError
 from flamingo_jax.lm import token_rows
 from flamingo_jax.lm.decoder import DecoderLM
 from flamingo_jax.model import Flamingo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-tiny = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tiny)
 
 
 
 def make_config(**overrides) -> FlamingoConfig:
-  model = tiny.get_config().model.to_dict()
+  model = load_config("tiny").model.to_dict()
   model.update(overrides)
   return FlamingoConfig.from_dict(model)
 

@@ -1,24 +1,12 @@
 """Frozen-aware FLOP accounting: XLA's counts agree with the analytic formula."""
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import pytest
 
+from config_files import load_config as load
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.model import Flamingo
 from flamingo_jax.train import flops
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
 
 def test_lm_forward_flops_match_the_analytic_count():
   config = FlamingoConfig.from_dict(load("tiny").model)

@@ -1,26 +1,18 @@
 """Every parameter is named for sharding, and the sharded model equals the unsharded one."""
-import importlib.util
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from config_files import load_config
 from flamingo_jax import sharding
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.model import Flamingo
 from flamingo_jax.summary import abstract_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def load_model_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return FlamingoConfig.from_dict(module.get_config().model)
+  return FlamingoConfig.from_dict(load_config(name).model)
 
 
 @pytest.mark.parametrize("name", ["tiny", "flamingo_3b", "openflamingo_4b"])

@@ -1,5 +1,4 @@
 """train.py on the tiny config: what trains, meshes, exact resumption, preemption, NaNs."""
-import importlib.util
 import json
 import os
 import signal
@@ -12,19 +11,16 @@ import jax
 import numpy as np
 import pytest
 
+from config_files import ROOT, load_config
 from flamingo_jax.data import sources
 from flamingo_jax.train import checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train as train_lib  # noqa: E402
 
 
 def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config("tiny")
   config.log_every = 1
   config.update_from_flattened_dict(overrides)
   return config

@@ -1,0 +1,13 @@
+"""The repository's `configs/NAME.py` files, loaded as train.py's --config flag does."""
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+  """`configs/{name}.py`'s get_config()."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
