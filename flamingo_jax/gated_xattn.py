@@ -43,18 +43,19 @@ class GatedCrossAttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, media: jax.Array | None, *, mask: jax.Array | None,
                has_media: jax.Array) -> jax.Array:
-    """x [B, T, D]; media [B, S, Dv] (all media items' tokens, flattened) or None;
-    mask [B, T, S]; has_media [B, T] bool."""
+    """x [B, T, D]; media [B, S, Dv] (all media items' tokens, flattened); mask [B, T, S]
+    (None: no media); has_media [B, T] bool. Decoding, `media` is None after the prompt and
+    the visual tokens' keys / values come from the cache (layers/attention.py)."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gate_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ())
     attn_gate = self.param("attn_gate", gate_init, (), self.param_dtype)
     ff_gate = self.param("ff_gate", gate_init, (), self.param_dtype)
 
-    if media is not None:
+    if mask is not None:
       h = LayerNorm(eps=c.ln_eps, name="attn_norm", **kw)(x)
-      h = Attention(c.num_heads, c.head_dim, zero_empty_rows=True, name="attn", **kw)(
-          h, media, mask=mask)
+      h = Attention(c.num_heads, c.head_dim, zero_empty_rows=True, context_cache=True,
+                    name="attn", **kw)(h, media, mask=mask)
       x = x + jnp.tanh(attn_gate).astype(self.dtype) * h
 
     h = LayerNorm(eps=c.ln_eps, name="ff_norm", **kw)(x)

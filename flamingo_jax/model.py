@@ -1,8 +1,8 @@
 """Flamingo: frozen vision encoder → Perceiver Resampler → frozen LM with gated xattn.
 
 The call is split so decoding can reuse work: `encode_media` runs once per set of
-images, `decode` runs the LM on tokens given the resampled visual tokens. `__call__`
-is both, for training.
+images, `lm_logits` runs the LM over tokens given the resampled visual tokens (a forward
+pass, or a decoding step through the KV cache). `__call__` is both, for training.
 """
 import flax.linen as nn
 import jax
@@ -10,6 +10,7 @@ import jax
 from flamingo_jax import vision
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.inputs import check_inputs, media_index_from_tokens
+from flamingo_jax.layers.attention import SelfAttentionInputs
 from flamingo_jax.lm.decoder import DecoderLM
 from flamingo_jax.perceiver import PerceiverResampler
 
@@ -32,20 +33,25 @@ class Flamingo(nn.Module):
     features = jax.lax.stop_gradient(features)
     return self.resampler(features.reshape((b, m, f) + features.shape[1:]))
 
-  def decode(self, input_ids, attention_mask=None, *, media=None, media_index=None,
-             media_mask=None, positions=None) -> jax.Array:
-    """Logits [B, T, vocab] given resampled `media` [B, M, L, D] (None: text only)."""
+  def lm_logits(self, input_ids, attention_mask=None, *, media=None, media_index=None,
+                media_mask=None, positions=None, cached: SelfAttentionInputs | None = None,
+                logits_at=None) -> jax.Array:
+    """Logits [B, T or K, vocab] given resampled `media` [B, M, L, D] (None: text only, or
+    decoding after the prompt); `cached` and `logits_at` as in `DecoderLM`."""
     if media_index is None:
       media_index = media_index_from_tokens(input_ids, self.config.media_token_id)
     return self.lm(input_ids, attention_mask, media=media, media_index=media_index,
-                   media_mask=media_mask, positions=positions)
+                   media_mask=media_mask, positions=positions, cached=cached,
+                   logits_at=logits_at)
 
   def __call__(self, images, input_ids, attention_mask=None, *, media_mask=None,
-               media_index=None, positions=None) -> jax.Array:
+               media_index=None, positions=None, cached: SelfAttentionInputs | None = None,
+               logits_at=None) -> jax.Array:
     """Logits [B, T, vocab]. `images` may be None (or have M = 0) for text-only batches."""
     check_inputs(self.config, images, input_ids, attention_mask, media_mask, media_index)
     media = None
     if images is not None and images.shape[1] > 0:
       media = self.encode_media(images)
-    return self.decode(input_ids, attention_mask, media=media, media_index=media_index,
-                       media_mask=media_mask, positions=positions)
+    return self.lm_logits(input_ids, attention_mask, media=media, media_index=media_index,
+                          media_mask=media_mask, positions=positions, cached=cached,
+                          logits_at=logits_at)

@@ -17,7 +17,8 @@ def _block(ff_without_media=False, gates=0.5):
   block = GatedCrossAttentionBlock(cfg)
   x = jax.random.normal(jax.random.key(0), (B, T, D))
   media = jax.random.normal(jax.random.key(1), (B, M * N, DV))
-  params = nn.unbox(block.init(jax.random.key(2), x, media, mask=None, has_media=MEDIA_INDEX >= 0))
+  mask = media_attention_mask(MEDIA_INDEX, M, N)
+  params = nn.unbox(block.init(jax.random.key(2), x, media, mask=mask, has_media=MEDIA_INDEX >= 0))
   params["params"]["attn_gate"] = jnp.asarray(gates)
   params["params"]["ff_gate"] = jnp.asarray(-gates)
 

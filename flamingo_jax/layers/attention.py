@@ -2,18 +2,51 @@
 
 Self-attention (LMs, ViT), the resampler's latents-over-media attention and the gated
 cross-attention all use `Attention`; what differs is passed in: the context, a boolean
-mask, an additive bias (ALiBi), rotary positions, grouped KV heads.
+mask, an additive bias (ALiBi), rotary positions, grouped KV heads, MosaicML's QK norm.
+
+Decoding keeps keys and values in the Flax `"cache"` collection, in one of two ways:
+  - self-attention, `cache_index` given: the call's T new keys / values are written at
+    slots [cache_index, cache_index + T) of a fixed-size cache [B, S, K, D] (S =
+    `mask.shape[-1]`), and the queries attend over all S slots as `mask` allows. Prefill
+    (T = prompt length) and extend (T = 1) are the same code.
+  - cross-attention with `context_cache=True`: the context's keys / values (the visual
+    tokens) are computed once, when `context` is given and the collection is mutable, and
+    read back when `context` is None.
 """
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from flamingo_jax.layers import rotary
 from flamingo_jax.layers.linear import Dense
+from flamingo_jax.layers.norms import LayerNorm
 
 _MASKED = -1e30  # finite, so a fully masked row gives a uniform softmax, never NaN
+
+
+@flax.struct.dataclass
+class SelfAttentionInputs:
+  """How the T tokens of one LM call see each other (and, decoding, the KV cache).
+
+  mask [B, T, S]: query t may attend key slot s. positions [B, T]: the queries' position
+  ids (rotary). key_positions [B, S]: the keys' position ids (ALiBi). cache_index: None
+  for a plain forward (S = T, the keys are the tokens themselves), else the cache slot of
+  the first of the T tokens.
+  """
+  mask: jax.Array
+  positions: jax.Array
+  key_positions: jax.Array
+  cache_index: jax.Array | None = None
+
+  @classmethod
+  def causal(cls, attention_mask: jax.Array, positions: jax.Array) -> "SelfAttentionInputs":
+    """A plain forward over [B, T] tokens: causal, padding keys (mask 0) hidden."""
+    t = attention_mask.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask.astype(bool)[:, None, :]
+    return cls(mask=mask, positions=positions, key_positions=positions)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -22,8 +55,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
   """softmax(q·k * scale + bias, masked) · v, with grouped KV heads.
 
   q [B, T, H, D]; k, v [B, S, K, D] with H % K == 0; mask [B, T, S] (True = attend);
-  bias broadcastable to [B, H, T, S]. Logits and softmax run in float32. With
-  `zero_empty_rows`, a query whose mask row is all False gets exactly zero output.
+  bias [B or 1, H, T or 1, S] (added without broadcasting it to [B, H, T, S] first).
+  Logits and softmax run in float32. With `zero_empty_rows`, a query whose mask row is
+  all False gets exactly zero output.
   """
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
@@ -31,7 +65,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
   q = q.reshape(b, t, kv_heads, groups, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
-    bias = jnp.broadcast_to(bias, (b, h) + logits.shape[-2:]).reshape(logits.shape)
+    bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[-2:])
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask[:, None, None], logits, _MASKED)
@@ -46,7 +80,9 @@ class Attention(nn.Module):
   """Projections `query`, `key`, `value` ([in, heads*head_dim]) and `out`.
 
   `context` defaults to the input (self-attention). `rope_dim` > 0 rotates the first
-  `rope_dim` channels of q and k at `positions`.
+  `rope_dim` channels of q and k at `positions`. `qk_norm`: MosaicML's QK LayerNorm
+  (`attn_qk_ln` / `qk_ln`) over the whole projected q and k, before the head split
+  (params `q_norm`, `k_norm`). See the module docstring for the two caches.
   """
   num_heads: int
   head_dim: int
@@ -57,32 +93,71 @@ class Attention(nn.Module):
   rope_dim: int = 0
   rope_theta: float = 10000.0
   rope_scaling: rotary.RopeScaling | None = None
+  qk_norm: bool = False
+  qk_norm_eps: float = 1e-5
   zero_empty_rows: bool = False
+  context_cache: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                mask: jax.Array | None = None, bias: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    context = x if context is None else context
-    kv_heads = self.num_kv_heads or self.num_heads
+               positions: jax.Array | None = None,
+               cache_index: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = Dense(self.num_heads * self.head_dim, ("embed", "heads"), use_bias=self.qkv_bias,
-              name="query", **kw)(x)
-    k = Dense(kv_heads * self.head_dim, ("embed", "kv_heads"), use_bias=self.qkv_bias,
-              name="key", **kw)(context)
-    v = Dense(kv_heads * self.head_dim, ("embed", "kv_heads"), use_bias=self.qkv_bias,
-              name="value", **kw)(context)
-    q = q.reshape(q.shape[:-1] + (self.num_heads, self.head_dim))
-    k = k.reshape(k.shape[:-1] + (kv_heads, self.head_dim))
-    v = v.reshape(v.shape[:-1] + (kv_heads, self.head_dim))
+    q = self._heads(self._project(x, "query", self.num_heads), self.num_heads)
+    if self.context_cache:
+      k, v = self._context_keys_values(context)
+    else:
+      k, v = self._keys_values(x if context is None else context)
     if self.rope_dim:
       rope = dict(rotary_dim=self.rope_dim, theta=self.rope_theta, scaling=self.rope_scaling)
       q = rotary.apply_rope(q, positions, **rope)
       k = rotary.apply_rope(k, positions, **rope)
+    if cache_index is not None:
+      k, v = self._write_cache(k, v, cache_index, mask.shape[-1])
     out = dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask, bias=bias,
                                 zero_empty_rows=self.zero_empty_rows)
     out = out.reshape(out.shape[:-2] + (self.num_heads * self.head_dim,))
     return Dense(self.out_features or x.shape[-1], ("heads", "embed"), use_bias=self.out_bias,
                  name="out", **kw)(out)
+
+  @property
+  def _kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  def _project(self, x, name: str, heads: int) -> jax.Array:
+    axes = ("embed", "heads" if name == "query" else "kv_heads")
+    y = Dense(heads * self.head_dim, axes, use_bias=self.qkv_bias, name=name,
+              dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    if self.qk_norm and name != "value":
+      norm = "q_norm" if name == "query" else "k_norm"
+      y = LayerNorm(eps=self.qk_norm_eps, use_bias=self.qkv_bias, name=norm, dtype=self.dtype,
+                    param_dtype=self.param_dtype)(y)
+    return y
+
+  def _heads(self, y: jax.Array, heads: int) -> jax.Array:
+    return y.reshape(y.shape[:-1] + (heads, self.head_dim))
+
+  def _keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return tuple(self._heads(self._project(context, name, self._kv_heads), self._kv_heads)
+                 for name in ("key", "value"))
+
+  def _context_keys_values(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    if context is None:  # decoding after the prompt: the visual tokens' K/V from the cache
+      return self.get_variable("cache", "key"), self.get_variable("cache", "value")
+    k, v = self._keys_values(context)
+    if self.is_mutable_collection("cache") and not self.is_initializing():
+      self.put_variable("cache", "key", k)
+      self.put_variable("cache", "value", v)
+    return k, v
+
+  def _write_cache(self, k, v, index, size: int) -> tuple[jax.Array, jax.Array]:
+    """Writes the new k, v [B, T, K, D] at slot `index` of the [B, size, K, D] cache."""
+    shape = (k.shape[0], size) + k.shape[2:]
+    cached = [self.variable("cache", name, jnp.zeros, shape, self.dtype) for name in ("key", "value")]
+    for var, new in zip(cached, (k, v)):
+      var.value = jax.lax.dynamic_update_slice(var.value, new.astype(var.value.dtype),
+                                               (0, index, 0, 0))
+    return cached[0].value, cached[1].value

@@ -24,6 +24,7 @@ import numpy as np
 from flamingo_jax import lm as lm_families
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
+from flamingo_jax.layers.attention import SelfAttentionInputs
 from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense
 from flamingo_jax.lm.token_rows import NewTokenRows
 from flamingo_jax.layers.scan import scan
@@ -98,7 +99,7 @@ class LayerGroup(nn.Module):
   xattn_at: int | None
 
   @nn.compact
-  def __call__(self, x, media, xattn_mask, has_media, mask, positions):
+  def __call__(self, x, media, xattn_mask, has_media, attn: SelfAttentionInputs):
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
     Layer = lm_families.family(c.lm.family).Layer
@@ -106,7 +107,7 @@ class LayerGroup(nn.Module):
       if k == self.xattn_at:
         x = GatedCrossAttentionBlock(c.xattn, name="xattn", **kw)(
             x, media, mask=xattn_mask, has_media=has_media)
-      x = Layer(c.lm, name=f"layer_{k}", **kw)(x, mask=mask, positions=positions)
+      x = Layer(c.lm, name=f"layer_{k}", **kw)(x, attn=attn)
       x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     return x, None
 
@@ -119,10 +120,18 @@ class DecoderLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                media: jax.Array | None = None, media_index: jax.Array | None = None,
-               media_mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               media_mask: jax.Array | None = None, positions: jax.Array | None = None,
+               cached: SelfAttentionInputs | None = None,
+               logits_at: jax.Array | None = None) -> jax.Array:
     """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = pad); media [B, M, N, Dv]
-    (resampled visual tokens); media_index [B, T] (-1 = none); media_mask [B, M]."""
+    (resampled visual tokens); media_index [B, T] (-1 = none); media_mask [B, M].
+
+    Decoding (`cached` given, attention_mask and positions unused): the tokens go into the
+    KV cache at `cached.cache_index` and see the slots `cached.mask` allows; `media` is
+    given with the prompt and None after it, when `media_mask` still says how many media
+    slots the cached visual tokens hold. `logits_at` [B, K]: the positions whose logits
+    are wanted (default: all), so the vocabulary projection runs only there.
+    """
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
     b, t = input_ids.shape
@@ -136,38 +145,45 @@ class DecoderLM(nn.Module):
       x = new_tokens.embed(input_ids, x)
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, t), bool)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & attention_mask.astype(bool)[:, None, :]
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if cached is None:
+      if attention_mask is None:
+        attention_mask = jnp.ones((b, t), bool)
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      attn = SelfAttentionInputs.causal(attention_mask, positions)
+    else:
+      attn = cached
 
     if media_index is None:
       media_index = jnp.full((b, t), -1, jnp.int32)
     has_media = media_index >= 0
     xattn_mask = None
-    if media is not None:
-      _, m, n, dv = media.shape
-      xattn_mask = media_attention_mask(media_index, m, n, media_mask)
+    num_media = media.shape[1] if media is not None else 0
+    if media is None and cached is not None and media_mask is not None:
+      num_media = media_mask.shape[1]  # the visual tokens are in the cache
+    if num_media:
+      xattn_mask = media_attention_mask(media_index, num_media, c.resampler.num_latents, media_mask)
       has_media = xattn_mask.any(axis=-1)
-      media = media.reshape(b, m * n, dv)
-    args = (media, xattn_mask, has_media, mask, positions)
+    if media is not None:
+      media = media.reshape(b, -1, media.shape[-1])
+    args = (media, xattn_mask, has_media, attn)
 
     lay = layout(c)
     xattn_at = lay.xattn_offset if self.with_xattn else None
     group = LayerGroup
-    if c.remat_policy != "none":
+    if c.remat_policy != "none" and cached is None:
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     if lay.num_groups:
-      scanned = scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast,) * len(args), length=lay.num_groups,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+      scanned = scan(group, variable_axes={"params": 0, "cache": 0},
+                     split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(args),
+                     length=lay.num_groups, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(c, lay.group_size, xattn_at, name="groups")(x, *args)
     if lay.tail_size:
       tail_xattn = xattn_at if lay.tail_has_xattn else None
       x, _ = LayerGroup(c, lay.tail_size, tail_xattn, name="tail")(x, *args)
 
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = lm_families.family(c.lm.family).final_norm(c.lm, **kw)(x)
     if c.lm.tie_embeddings:
       logits = embed.attend(x)
@@ -176,3 +192,12 @@ class DecoderLM(nn.Module):
     if new_tokens is not None:
       logits = new_tokens.logits(x, logits)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+
+
+def reorder_cache(cache, rows: jax.Array):
+  """Gathers batch rows of a decode cache (the `"cache"` collection of `DecoderLM`): the
+  scanned groups' leaves are [groups, B, ...], the tail's [B, ...]."""
+  def take(path, leaf):
+    scanned = any(getattr(key, "key", None) == "groups" for key in path)
+    return jnp.take(leaf, rows, axis=1 if scanned else 0)
+  return jax.tree_util.tree_map_with_path(take, cache)

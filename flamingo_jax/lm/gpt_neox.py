@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.config import LMConfig
-from flamingo_jax.layers.attention import Attention
+from flamingo_jax.layers.attention import SelfAttentionInputs
 from flamingo_jax.layers.mlp import MLP
 from flamingo_jax.layers.norms import LayerNorm
+from flamingo_jax.lm import self_attention
 
 
 class Layer(nn.Module):
@@ -19,16 +20,13 @@ class Layer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, mask: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, attn: SelfAttentionInputs) -> jax.Array:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = Attention(c.num_heads, c.dim_per_head, c.kv_heads, qkv_bias=c.use_bias,
-                     out_bias=c.use_bias, rope_dim=c.rope_dim, rope_theta=c.rope_theta,
-                     rope_scaling=c.rope_scaling, name="attn", **kw)
-    mlp = MLP(c.mlp_dim, c.activation, use_bias=c.use_bias, name="mlp", **kw)
     attn_norm = LayerNorm(eps=c.norm_eps, use_bias=c.use_bias, name="attn_norm", **kw)
     mlp_norm = LayerNorm(eps=c.norm_eps, use_bias=c.use_bias, name="mlp_norm", **kw)
-    a = attn(attn_norm(x), mask=mask, positions=positions)
+    mlp = MLP(c.mlp_dim, c.activation, use_bias=c.use_bias, name="mlp", **kw)
+    a = self_attention(c, attn_norm(x), attn, **kw)
     if c.parallel_residual:
       return x + a + mlp(mlp_norm(x))
     x = x + a

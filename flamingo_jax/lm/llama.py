@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.config import LMConfig
-from flamingo_jax.layers.attention import Attention
+from flamingo_jax.layers.attention import SelfAttentionInputs
 from flamingo_jax.layers.mlp import MLP
 from flamingo_jax.layers.norms import RMSNorm
+from flamingo_jax.lm import self_attention
 
 
 class Layer(nn.Module):
@@ -17,14 +18,11 @@ class Layer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, mask: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, attn: SelfAttentionInputs) -> jax.Array:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x)
-    x = x + Attention(c.num_heads, c.dim_per_head, c.kv_heads, qkv_bias=c.use_bias,
-                      out_bias=c.use_bias, rope_dim=c.rope_dim, rope_theta=c.rope_theta,
-                      rope_scaling=c.rope_scaling, name="attn", **kw)(
-                          h, mask=mask, positions=positions)
+    x = x + self_attention(c, h, attn, **kw)
     h = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
     return x + MLP(c.mlp_dim, c.activation, gated=True, use_bias=c.use_bias, name="mlp", **kw)(h)
 

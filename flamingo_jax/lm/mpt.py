@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.config import LMConfig
-from flamingo_jax.layers.attention import Attention, dot_product_attention
-from flamingo_jax.layers.linear import Dense
+from flamingo_jax.layers.attention import SelfAttentionInputs
 from flamingo_jax.layers.mlp import MLP
 from flamingo_jax.layers.norms import LayerNorm
+from flamingo_jax.lm import self_attention
 
 
 def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
@@ -27,42 +27,20 @@ def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
   return slopes.astype(np.float32)
 
 
-def alibi_bias(positions: jax.Array, num_heads: int, bias_max: float) -> jax.Array:
-  """[B, T] positions → additive bias [B, H, T, T] = slope_h * (pos_key - pos_query).
+def alibi_bias(key_positions: jax.Array, query_positions: jax.Array, num_heads: int,
+               bias_max: float) -> jax.Array:
+  """Additive bias [B, H, 1, S] = slope_h * (key position - the row's last query position).
 
-  HF adds slope * (key index - last index); each query row differs from this by a constant,
-  which the softmax ignores, and position ids (rather than indices) keep the bias right
-  for left-padded rows too.
+  ALiBi is slope * (key - query); each query row differs from the bias here by a constant,
+  which the softmax ignores, so one [B, H, 1, S] row serves every query (never a
+  [B, H, T, S] tensor). HF uses key indices, not positions: again a per-row constant for
+  left-padded rows. Subtracting the last query position keeps the values near the query
+  small, so float32 loses nothing at long contexts.
   """
   slopes = jnp.asarray(alibi_slopes(num_heads, bias_max))
-  pos = positions.astype(jnp.float32)
-  rel = pos[:, None, None, :] - pos[:, None, :, None]  # [B, 1, T, S]
-  return slopes[None, :, None, None] * rel
-
-
-class QKNormAttention(nn.Module):
-  """MosaicML's self-attention with `qk_ln`: LayerNorm over the whole projected q and over
-  the whole k ([heads * head_dim], all heads together, before the head split), then
-  scaled dot-product attention. Params as `Attention`'s plus `q_norm` and `k_norm`."""
-  num_heads: int
-  head_dim: int
-  use_bias: bool = False
-  eps: float = 1e-5
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, mask: jax.Array, bias: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h, d = self.num_heads, self.head_dim
-    q, k, v = (Dense(h * d, ("embed", "heads"), use_bias=self.use_bias, name=name, **kw)(x)
-               for name in ("query", "key", "value"))
-    q = LayerNorm(eps=self.eps, use_bias=self.use_bias, name="q_norm", **kw)(q)
-    k = LayerNorm(eps=self.eps, use_bias=self.use_bias, name="k_norm", **kw)(k)
-    split = lambda t: t.reshape(t.shape[:-1] + (h, d))
-    out = dot_product_attention(split(q), split(k), split(v), scale=d ** -0.5, mask=mask, bias=bias)
-    return Dense(x.shape[-1], ("heads", "embed"), use_bias=self.use_bias, name="out", **kw)(
-        out.reshape(out.shape[:-2] + (h * d,)))
+  last = jnp.max(query_positions, axis=-1, keepdims=True)
+  rel = (key_positions - last).astype(jnp.float32)  # [B, S]
+  return slopes[None, :, None, None] * rel[:, None, None, :]
 
 
 class Layer(nn.Module):
@@ -71,17 +49,12 @@ class Layer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, mask: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, attn: SelfAttentionInputs) -> jax.Array:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    bias = alibi_bias(positions, c.num_heads, c.alibi_bias_max)
+    bias = alibi_bias(attn.key_positions, attn.positions, c.num_heads, c.alibi_bias_max)
     h = LayerNorm(eps=c.norm_eps, use_bias=c.use_bias, name="attn_norm", **kw)(x)
-    if c.qk_norm:
-      attn = QKNormAttention(c.num_heads, c.dim_per_head, c.use_bias, c.norm_eps, name="attn", **kw)
-    else:
-      attn = Attention(c.num_heads, c.dim_per_head, c.kv_heads, qkv_bias=c.use_bias,
-                       out_bias=c.use_bias, name="attn", **kw)
-    x = x + attn(h, mask=mask, bias=bias)
+    x = x + self_attention(c, h, attn, bias=bias, **kw)
     h = LayerNorm(eps=c.norm_eps, use_bias=c.use_bias, name="mlp_norm", **kw)(x)
     return x + MLP(c.mlp_dim, c.activation, use_bias=c.use_bias, name="mlp", **kw)(h)
 

@@ -82,9 +82,9 @@ def forward_flops(model, batch) -> dict[str, float]:
     resample = lambda p, x: model.apply({"params": p}, x, method=lambda mod, x: mod.resampler(x))
     out["resampler"] = _forward_flops(resample, params, features)
     media = jax.eval_shape(resample, params, features)
-  decode = lambda p, i, md, mi: model.apply(
-      {"params": p}, i, media=md, media_index=mi, method=lambda mod, *a, **k: mod.decode(*a, **k))
-  with_xattn = _forward_flops(decode, params, ids, media, media_index)
+  lm_logits = lambda p, i, md, mi: model.apply(
+      {"params": p}, i, media=md, media_index=mi, method=lambda mod, *a, **k: mod.lm_logits(*a, **k))
+  with_xattn = _forward_flops(lm_logits, params, ids, media, media_index)
   bare_params = {k: ({n: v for n, v in sub.items() if n != "xattn"} if k in ("groups", "tail") else sub)
                  for k, sub in params["lm"].items()}
   bare = DecoderLM(config, with_xattn=False)
