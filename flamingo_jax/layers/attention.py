@@ -146,17 +146,17 @@ class Attention(nn.Module):
 
   def _context_keys_values(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     if context is None:  # decoding after the prompt: the visual tokens' K/V from the cache
-      return self.get_variable("cache", "key"), self.get_variable("cache", "value")
+      return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
     k, v = self._keys_values(context)
     if self.is_mutable_collection("cache") and not self.is_initializing():
-      self.put_variable("cache", "key", k)
-      self.put_variable("cache", "value", v)
+      self.put_variable("cache", "cached_key", k)
+      self.put_variable("cache", "cached_value", v)
     return k, v
 
   def _write_cache(self, k, v, index, size: int) -> tuple[jax.Array, jax.Array]:
     """Writes the new k, v [B, T, K, D] at slot `index` of the [B, size, K, D] cache."""
     shape = (k.shape[0], size) + k.shape[2:]
-    cached = [self.variable("cache", name, jnp.zeros, shape, self.dtype) for name in ("key", "value")]
+    cached = [self.variable("cache", name, jnp.zeros, shape, self.dtype) for name in ("cached_key", "cached_value")]
     for var, new in zip(cached, (k, v)):
       var.value = jax.lax.dynamic_update_slice(var.value, new.astype(var.value.dtype),
                                                (0, index, 0, 0))

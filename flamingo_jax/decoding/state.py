@@ -1,0 +1,116 @@
+"""The model's decode state, and its two steps: prefill a prompt once, extend by tokens.
+
+The KV cache has a fixed number of slots S (static shapes: one compile per prompt length
+and output length, none per step). Prompts are left-padded, so every row writes its
+next token into the same slot `index`; `key_mask` says which slots hold real tokens.
+The visual tokens' keys / values of every xattn block are computed in the prefill and
+read back at every later step (they depend on the images only).
+
+Positions follow HF generate: `cumsum(attention_mask) - 1` over the prompt (pads get 1,
+never seen), then one more per new token. A new token attends to the last media item of
+its prompt (open_flamingo's rule); `<image>` tokens generated later do not move it.
+"""
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.inputs import media_index_from_tokens
+from flamingo_jax.layers.attention import SelfAttentionInputs
+from flamingo_jax.lm.decoder import reorder_cache
+
+
+@flax.struct.dataclass
+class DecodeState:
+  cache: Any  # the model's "cache" collection
+  index: jax.Array  # int32 []: the next free cache slot, the same for every row
+  key_mask: jax.Array  # bool [N, S]: slots holding a real token
+  key_positions: jax.Array  # int32 [N, S]: each slot's position id
+  next_position: jax.Array  # int32 [N]: the position id of the next token
+  media_index: jax.Array  # int32 [N]: the media slot new tokens look at (-1: none)
+  media_mask: jax.Array | None  # bool [N, M]: media slots holding an image (None: no media)
+
+
+def prompt_positions(attention_mask: jax.Array) -> jax.Array:
+  """HF generate's position ids for left-padded prompts."""
+  positions = jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1
+  return jnp.where(attention_mask > 0, positions, 1)
+
+
+def prefill(model, params, *, images, input_ids, attention_mask, media_mask=None,
+            cache_size: int, logits_at: jax.Array | None = None):
+  """Runs the prompt [B, T] into a cache of `cache_size` >= T slots.
+
+  Returns (logits, state): logits [B, V] of the next token after the prompt, or [B, K, V]
+  at the prompt positions `logits_at` [B, K] when given.
+  """
+  b, t = input_ids.shape
+  if cache_size < t:
+    raise ValueError(f"cache_size={cache_size} is smaller than the prompt ({t} tokens)")
+  attention_mask = attention_mask.astype(jnp.int32)
+  positions = prompt_positions(attention_mask)
+  pad = ((0, 0), (0, cache_size - t))
+  key_mask = jnp.pad(attention_mask > 0, pad)
+  key_positions = jnp.pad(positions, pad)
+  causal = jnp.arange(cache_size)[None, None, :] <= jnp.arange(t)[None, :, None]
+  cached = SelfAttentionInputs(mask=causal & key_mask[:, None, :], positions=positions,
+                               key_positions=key_positions, cache_index=jnp.int32(0))
+  media_index = media_index_from_tokens(input_ids, model.config.media_token_id)
+  if images is not None and images.shape[1] > 0:
+    media_mask = jnp.ones(images.shape[:2], bool) if media_mask is None else media_mask.astype(bool)
+  else:
+    images, media_mask = None, None
+  last = logits_at is None
+  if last:
+    logits_at = jnp.full((b, 1), t - 1, jnp.int32)
+  logits, variables = model.apply(
+      {"params": params}, images, input_ids, media_mask=media_mask, media_index=media_index,
+      cached=cached, logits_at=logits_at, mutable=["cache"])
+  state = DecodeState(cache=variables["cache"], index=jnp.int32(t), key_mask=key_mask,
+                      key_positions=key_positions, next_position=positions[:, -1] + 1,
+                      media_index=media_index[:, -1], media_mask=media_mask)
+  return (logits[:, 0] if last else logits), state
+
+
+def extend(model, params, state: DecodeState, tokens: jax.Array, *, positions=None,
+           mask=None, logits_at=None, advance: bool = True):
+  """Feeds tokens [N, T] at slots [index, index + T).
+
+  By default (generation) the tokens follow one another: they get the next positions and
+  see every filled slot causally. Scoring passes its own `positions` [N, T] and `mask`
+  [N, T, S] (several candidate continuations side by side). Returns (logits [N, T or K,
+  V], the new state); with `advance=False` the returned state is the input one (the
+  tokens' slots are scratch space).
+  """
+  n, t = tokens.shape
+  s = state.key_mask.shape[1]
+  offsets = jnp.arange(t, dtype=jnp.int32)
+  if positions is None:
+    positions = state.next_position[:, None] + offsets
+  slots = state.index + offsets
+  key_mask = jax.lax.dynamic_update_slice(state.key_mask, jnp.ones((n, t), bool), (0, state.index))
+  key_positions = jax.lax.dynamic_update_slice(state.key_positions, positions, (0, state.index))
+  if mask is None:
+    mask = key_mask[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[None, :, None])
+  cached = SelfAttentionInputs(mask=mask, positions=positions, key_positions=key_positions,
+                               cache_index=state.index)
+  logits, variables = model.apply(
+      {"params": params, "cache": state.cache}, tokens,
+      media_index=jnp.broadcast_to(state.media_index[:, None], (n, t)),
+      media_mask=state.media_mask, cached=cached, logits_at=logits_at,
+      method=lambda module, *a, **k: module.lm_logits(*a, **k), mutable=["cache"])
+  if not advance:
+    return logits, state
+  return logits, state.replace(cache=variables["cache"], index=state.index + t,
+                               key_mask=key_mask, key_positions=key_positions,
+                               next_position=state.next_position + t)
+
+
+def reorder(state: DecodeState, rows: jax.Array) -> DecodeState:
+  """Gathers batch rows (beam search: expand B prompts to B * beams, then follow beams)."""
+  take = lambda x: None if x is None else jnp.take(x, rows, axis=0)
+  return state.replace(cache=reorder_cache(state.cache, rows), key_mask=take(state.key_mask),
+                       key_positions=take(state.key_positions),
+                       next_position=take(state.next_position),
+                       media_index=take(state.media_index), media_mask=take(state.media_mask))
