@@ -21,14 +21,17 @@ def generate(model, params, *, images, input_ids, attention_mask, media_mask=Non
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, repetition_penalty: float = 1.0,
              no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, eos_token_id=None,
-             pad_token_id: int | None = None, rng: jax.Array | None = None) -> jax.Array:
+             pad_token_id: int | None = None, rng: jax.Array | None = None,
+             count_padding: bool = False) -> jax.Array:
   """The new tokens, int32 [B, max_new_tokens]; `pad_token_id` after a row has stopped.
 
   images [B, M, F, H, W, C] as `Flamingo` takes them (None: text only); input_ids and
   attention_mask [B, T], left-padded; media_mask [B, M]. eos_token_id: an id or a list
   (default: the config's `<|endofchunk|>`); pad_token_id defaults to the first eos id
   (as HF does). Sampling (`do_sample`) needs `rng`. Beam search returns each prompt's
-  best finished hypothesis, by HF's rules.
+  best finished hypothesis, by HF's rules. `count_padding=True` gives left pads position
+  ids as open_flamingo's generate does (state.prompt_positions); it matters for rotary
+  LMs only.
   """
   config = model.config
   input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
@@ -49,7 +52,7 @@ def generate(model, params, *, images, input_ids, attention_mask, media_mask=Non
     raise ValueError(f"temperature={temperature} must be > 0 when sampling")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
-  fn = _compiled(config, tuple(sorted(settings.items())), _current_rules())
+  fn = _compiled(config, tuple(sorted(settings.items())), bool(count_padding), _current_rules())
   return fn(params, None if images is None else jnp.asarray(images),
             jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
             None if media_mask is None else jnp.asarray(media_mask, bool),
@@ -57,7 +60,7 @@ def generate(model, params, *, images, input_ids, attention_mask, media_mask=Non
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(config, settings: tuple, rules):
+def _compiled(config, settings: tuple, count_padding: bool, rules):
   """The jitted program for one config and settings (jit then caches per shape). `rules`
   (the logical axis rules in effect) is part of the key: they change what is traced."""
   del rules
@@ -68,7 +71,7 @@ def _compiled(config, settings: tuple, rules):
     cache_size = input_ids.shape[1] + settings["max_new_tokens"] - 1
     first_logits, st = decode_state.prefill(
         model, params, images=images, input_ids=input_ids, attention_mask=attention_mask,
-        media_mask=media_mask, cache_size=cache_size)
+        media_mask=media_mask, cache_size=cache_size, count_padding=count_padding)
 
     def step(st, tokens):
       logits, st = decode_state.extend(model, params, st, tokens[:, None])

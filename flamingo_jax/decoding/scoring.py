@@ -22,13 +22,14 @@ _LOGITS_BUDGET = 2 ** 27
 
 
 def score(model, params, *, images, input_ids, attention_mask, candidates,
-          candidate_mask=None, media_mask=None, chunk_size: int | None = None) -> dict:
+          candidate_mask=None, media_mask=None, chunk_size: int | None = None,
+          count_padding: bool = False) -> dict:
   """{'sum': [B, C], 'mean': [B, C], 'length': [B, C]}: each candidate's summed token
   log-probability given its prompt, the same divided by its length, and the length.
 
   input_ids, attention_mask [B, T]: left-padded prompts; candidates [C, L] (the same for
   every prompt) or [B, C, L] token ids, right-padded, with candidate_mask (1 = token)
-  of the same shape (default: all L tokens count).
+  of the same shape (default: all L tokens count). count_padding: as in `generate`.
   """
   config = model.config
   input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
@@ -54,7 +55,7 @@ def score(model, params, *, images, input_ids, attention_mask, candidates,
   pad = ((0, 0), (0, padded - c), (0, 0))
   candidates = np.pad(candidates, pad)
   mask = np.pad(mask, pad)
-  fn = _compiled(config, k, _current_rules())
+  fn = _compiled(config, k, bool(count_padding), _current_rules())
   sums, lengths = fn(params, None if images is None else jnp.asarray(images),
                      jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                      None if media_mask is None else jnp.asarray(media_mask, bool),
@@ -64,7 +65,7 @@ def score(model, params, *, images, input_ids, attention_mask, candidates,
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(config, chunk: int, rules):
+def _compiled(config, chunk: int, count_padding: bool, rules):
   del rules  # part of the cache key only (see generate._compiled)
   model = Flamingo(config)
 
@@ -73,7 +74,7 @@ def _compiled(config, chunk: int, rules):
     _, c, length = candidates.shape
     first, st = decode_state.prefill(model, params, images=images, input_ids=input_ids,
                                      attention_mask=attention_mask, media_mask=media_mask,
-                                     cache_size=t + chunk * length)
+                                     cache_size=t + chunk * length, count_padding=count_padding)
     first = jax.nn.log_softmax(first, axis=-1)  # [B, V]: the first candidate token
 
     def one_chunk(args):

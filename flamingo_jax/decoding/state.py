@@ -6,8 +6,8 @@ next token into the same slot `index`; `key_mask` says which slots hold real tok
 The visual tokens' keys / values of every xattn block are computed in the prefill and
 read back at every later step (they depend on the images only).
 
-Positions follow HF generate: `cumsum(attention_mask) - 1` over the prompt (pads get 1,
-never seen), then one more per new token. A new token attends to the last media item of
+Positions follow HF generate, `cumsum(attention_mask) - 1` over the prompt (or, to match
+open_flamingo, the slot numbers: `prompt_positions`), then one more per new token. A new token attends to the last media item of
 its prompt (open_flamingo's rule); `<image>` tokens generated later do not move it.
 """
 from typing import Any
@@ -32,15 +32,27 @@ class DecodeState:
   media_mask: jax.Array | None  # bool [N, M]: media slots holding an image (None: no media)
 
 
-def prompt_positions(attention_mask: jax.Array) -> jax.Array:
-  """HF generate's position ids for left-padded prompts."""
+def prompt_positions(attention_mask: jax.Array, count_padding: bool = False) -> jax.Array:
+  """Position ids of left-padded prompts [B, T].
+
+  HF generate's rule, `cumsum(attention_mask) - 1` (pads get 1, never seen), so a row's
+  positions do not depend on its padding. `count_padding=True` numbers the slots instead
+  (0 … T-1, pads included): what open_flamingo's generate does, because HF derives
+  position ids only for models whose `forward` names them and open_flamingo's wrapper does
+  not. Position-free ALiBi (MPT) is the same either way; rotary LMs (LLaMA, GPT-NeoX) are
+  not.
+  """
+  if count_padding:
+    return jnp.broadcast_to(jnp.arange(attention_mask.shape[1], dtype=jnp.int32),
+                            attention_mask.shape)
   positions = jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1
   return jnp.where(attention_mask > 0, positions, 1)
 
 
 def prefill(model, params, *, images, input_ids, attention_mask, media_mask=None,
-            cache_size: int, logits_at: jax.Array | None = None):
-  """Runs the prompt [B, T] into a cache of `cache_size` >= T slots.
+            cache_size: int, logits_at: jax.Array | None = None, count_padding: bool = False):
+  """Runs the prompt [B, T] into a cache of `cache_size` >= T slots (`count_padding`:
+  see `prompt_positions`).
 
   Returns (logits, state): logits [B, V] of the next token after the prompt, or [B, K, V]
   at the prompt positions `logits_at` [B, K] when given.
@@ -49,7 +61,7 @@ def prefill(model, params, *, images, input_ids, attention_mask, media_mask=None
   if cache_size < t:
     raise ValueError(f"cache_size={cache_size} is smaller than the prompt ({t} tokens)")
   attention_mask = attention_mask.astype(jnp.int32)
-  positions = prompt_positions(attention_mask)
+  positions = prompt_positions(attention_mask, count_padding)
   pad = ((0, 0), (0, cache_size - t))
   key_mask = jnp.pad(attention_mask > 0, pad)
   key_positions = jnp.pad(positions, pad)
