@@ -34,10 +34,7 @@ def generate(model, params, *, images, input_ids, attention_mask, media_mask=Non
   LMs only.
   """
   config = model.config
-  input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
-  check_inputs(config, None if images is None else jnp.asarray(images), input_ids,
-               attention_mask, None if media_mask is None else np.asarray(media_mask))
-  _check_left_padded(attention_mask)
+  prompt = checked_prompts(config, images, input_ids, attention_mask, media_mask)
   eos = _eos_ids(config.eoc_token_id if eos_token_id is None else eos_token_id, config)
   settings = dict(
       max_new_tokens=_positive_int(max_new_tokens, "max_new_tokens"),
@@ -52,11 +49,8 @@ def generate(model, params, *, images, input_ids, attention_mask, media_mask=Non
     raise ValueError(f"temperature={temperature} must be > 0 when sampling")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
-  fn = _compiled(config, tuple(sorted(settings.items())), bool(count_padding), _current_rules())
-  return fn(params, None if images is None else jnp.asarray(images),
-            jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-            None if media_mask is None else jnp.asarray(media_mask, bool),
-            rng if do_sample else None)
+  fn = _compiled(config, tuple(sorted(settings.items())), bool(count_padding), current_rules())
+  return fn(params, *prompt, rng if do_sample else None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -83,7 +77,7 @@ def _compiled(config, settings: tuple, count_padding: bool, rules):
   return jax.jit(run)
 
 
-def _current_rules():
+def current_rules():
   rules = nn.get_logical_axis_rules()
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
@@ -102,6 +96,18 @@ def _eos_ids(eos, config) -> tuple[int, ...]:
                      f"{config.lm.vocab_size}); the config's <|endofchunk|> id is "
                      f"{config.eoc_token_id} (-1: none, pass eos_token_id)")
   return ids
+
+
+def checked_prompts(config, images, input_ids, attention_mask, media_mask):
+  """(images, input_ids, attention_mask, media_mask) as device arrays, after the model's
+  input checks and a check that the prompts are left-padded."""
+  input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
+  images = None if images is None else jnp.asarray(images)
+  media_mask = None if media_mask is None else np.asarray(media_mask)
+  check_inputs(config, images, input_ids, attention_mask, media_mask)
+  _check_left_padded(attention_mask)
+  return (images, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+          None if media_mask is None else jnp.asarray(media_mask, bool))
 
 
 def _check_left_padded(attention_mask: np.ndarray) -> None:

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.decoding import state as decode_state
-from flamingo_jax.decoding.generate import _check_left_padded, _current_rules
-from flamingo_jax.inputs import check_inputs
+from flamingo_jax.decoding.generate import current_rules, checked_prompts
 from flamingo_jax.model import Flamingo
 
 # Candidates per chunk so that a chunk's logits ([B, k * L, V] float32) stay near this size.
@@ -32,11 +31,8 @@ def score(model, params, *, images, input_ids, attention_mask, candidates,
   of the same shape (default: all L tokens count). count_padding: as in `generate`.
   """
   config = model.config
-  input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
-  check_inputs(config, None if images is None else jnp.asarray(images), input_ids,
-               attention_mask, None if media_mask is None else np.asarray(media_mask))
-  _check_left_padded(attention_mask)
-  b = input_ids.shape[0]
+  prompt = checked_prompts(config, images, input_ids, attention_mask, media_mask)
+  b = prompt[1].shape[0]
   candidates = np.asarray(candidates)
   if candidates.ndim == 2:
     candidates = np.broadcast_to(candidates, (b,) + candidates.shape)
@@ -55,11 +51,8 @@ def score(model, params, *, images, input_ids, attention_mask, candidates,
   pad = ((0, 0), (0, padded - c), (0, 0))
   candidates = np.pad(candidates, pad)
   mask = np.pad(mask, pad)
-  fn = _compiled(config, k, bool(count_padding), _current_rules())
-  sums, lengths = fn(params, None if images is None else jnp.asarray(images),
-                     jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                     None if media_mask is None else jnp.asarray(media_mask, bool),
-                     jnp.asarray(candidates, jnp.int32), jnp.asarray(mask))
+  fn = _compiled(config, k, bool(count_padding), current_rules())
+  sums, lengths = fn(params, *prompt, jnp.asarray(candidates, jnp.int32), jnp.asarray(mask))
   sums, lengths = sums[:, :c], lengths[:, :c]
   return {"sum": sums, "mean": sums / lengths, "length": lengths}
 
