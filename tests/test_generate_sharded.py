@@ -45,11 +45,14 @@ def test_sharded_generation_equals_one_device():
     _, st = jax.jit(functools.partial(decode_state.prefill, model, cache_size=16))(
         sp, images=images_s, input_ids=ids_s, attention_mask=mask_s)
   np.testing.assert_array_equal(got, want)
-  # The cache stays split: [groups, B, S, K, D] and [B, S, K, D] over data and tensor.
-  for path, leaf in jax.tree_util.tree_leaves_with_path(st.cache):
+  # The caches stay split: [groups, B, K, S, D] and [B, K, S, D] over data and tensor.
+  leaves = jax.tree_util.tree_leaves_with_path((st.cache, st.media_cache))
+  # k and v of: the groups' two layers and block (stacked), the tail's layer and block.
+  assert len(leaves) == 2 * (3 + 2)
+  for path, leaf in leaves:
     spec = tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))
     scanned = "groups" in jax.tree_util.keystr(path)
-    assert spec[int(scanned)] == "data" and spec[int(scanned) + 2] == "tensor", (path, spec)
+    assert spec[int(scanned)] == "data" and spec[int(scanned) + 1] == "tensor", (path, spec)
 
 
 def test_bf16_weights_decode_under_a_mesh():

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.inputs import media_index_from_tokens
-from flamingo_jax.layers.attention import SelfAttentionInputs
+from flamingo_jax.layers.attention import CACHE, MEDIA_CACHE, SelfAttentionInputs
 from flamingo_jax.lm.decoder import reorder_cache
 
 
 @flax.struct.dataclass
 class DecodeState:
-  cache: Any  # the model's "cache" collection
+  cache: Any  # the model's "cache" collection: self-attention K/V [.., N, S, K, D]
+  media_cache: Any  # its "media_cache": the visual tokens' K/V per xattn block
   index: jax.Array  # int32 []: the next free cache slot, the same for every row
   key_mask: jax.Array  # bool [N, S]: slots holding a real token
   key_positions: jax.Array  # int32 [N, S]: each slot's position id
@@ -78,8 +79,9 @@ def prefill(model, params, *, images, input_ids, attention_mask, media_mask=None
     logits_at = jnp.full((b, 1), t - 1, jnp.int32)
   logits, variables = model.apply(
       {"params": params}, images, input_ids, media_mask=media_mask, media_index=media_index,
-      cached=cached, logits_at=logits_at, mutable=["cache"])
-  state = DecodeState(cache=variables["cache"], index=jnp.int32(t), key_mask=key_mask,
+      cached=cached, logits_at=logits_at, mutable=[CACHE, MEDIA_CACHE])
+  state = DecodeState(cache=variables[CACHE], media_cache=variables.get(MEDIA_CACHE, {}),
+                      index=jnp.int32(t), key_mask=key_mask,
                       key_positions=key_positions, next_position=positions[:, -1] + 1,
                       media_index=media_index[:, -1], media_mask=media_mask)
   return (logits[:, 0] if last else logits), state
@@ -108,21 +110,28 @@ def extend(model, params, state: DecodeState, tokens: jax.Array, *, positions=No
   cached = SelfAttentionInputs(mask=mask, positions=positions, key_positions=key_positions,
                                cache_index=state.index)
   logits, variables = model.apply(
-      {"params": params, "cache": state.cache}, tokens,
+      {"params": params, CACHE: state.cache, MEDIA_CACHE: state.media_cache}, tokens,
       media_index=jnp.broadcast_to(state.media_index[:, None], (n, t)),
       media_mask=state.media_mask, cached=cached, logits_at=logits_at,
-      method=lambda module, *a, **k: module.lm_logits(*a, **k), mutable=["cache"])
+      method=lambda module, *a, **k: module.lm_logits(*a, **k), mutable=[CACHE])
   if not advance:
     return logits, state
-  return logits, state.replace(cache=variables["cache"], index=state.index + t,
+  return logits, state.replace(cache=variables[CACHE], index=state.index + t,
                                key_mask=key_mask, key_positions=key_positions,
                                next_position=state.next_position + t)
 
 
 def reorder(state: DecodeState, rows: jax.Array) -> DecodeState:
-  """Gathers batch rows (beam search: expand B prompts to B * beams, then follow beams)."""
+  """Gathers batch rows: beam search expands B prompts to B * beams, then follows beams.
+
+  When the row count stays the same the rows must come from the same prompts (beams of
+  one prompt): the visual keys / values, the same for all of them, then stay in place.
+  """
   take = lambda x: None if x is None else jnp.take(x, rows, axis=0)
-  return state.replace(cache=reorder_cache(state.cache, rows), key_mask=take(state.key_mask),
-                       key_positions=take(state.key_positions),
+  media_cache = state.media_cache
+  if rows.shape[0] != state.key_mask.shape[0]:
+    media_cache = reorder_cache(media_cache, rows)
+  return state.replace(cache=reorder_cache(state.cache, rows), media_cache=media_cache,
+                       key_mask=take(state.key_mask), key_positions=take(state.key_positions),
                        next_position=take(state.next_position),
                        media_index=take(state.media_index), media_mask=take(state.media_mask))

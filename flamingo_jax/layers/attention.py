@@ -4,15 +4,17 @@ Self-attention (LMs, ViT), the resampler's latents-over-media attention and the 
 cross-attention all use `Attention`; what differs is passed in: the context, a boolean
 mask, an additive bias (ALiBi), rotary positions, grouped KV heads, MosaicML's QK norm.
 
-Decoding keeps keys and values in the Flax `"cache"` collection, in one of two ways:
-  - self-attention, `cache_index` given: the call's T new keys / values are written at
-    slots [cache_index, cache_index + T) of a fixed-size cache [B, S, K, D] (S =
-    `mask.shape[-1]`), and the queries attend over all S slots as `mask` allows. Prefill
-    (T = prompt length) and extend (T = 1) are the same code.
-  - cross-attention with `context_cache=True`: the context's keys / values (the visual
-    tokens) are computed once, when `context` is given and the collection is mutable, and
-    read back when `context` is None.
+Decoding keeps keys and values in two Flax collections:
+  - `"cache"`, self-attention with `cache_index` given: the call's T new keys / values are
+    written at slots [cache_index, cache_index + T) of a fixed-size cache [B, S, K, D]
+    (S = `mask.shape[-1]`), and the queries attend over all S slots as `mask` allows.
+    Prefill (T = prompt length) and extend (T = 1) are the same code.
+  - `"media_cache"`, cross-attention with `context_cache=True`: the context's keys / values
+    (the visual tokens) are computed once, when `context` is given and the collection is
+    mutable, and read back when `context` is None. A collection of their own, so the steps
+    after the prompt read them without writing them back.
 """
+CACHE, MEDIA_CACHE = "cache", "media_cache"
 from typing import Any
 
 import flax.linen as nn
@@ -145,19 +147,24 @@ class Attention(nn.Module):
                  for name in ("key", "value"))
 
   def _context_keys_values(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    # Stored [B, K, S, D] like the self-attention cache (see `_write_cache`).
     if context is None:  # decoding after the prompt: the visual tokens' K/V from the cache
-      return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+      return tuple(jnp.swapaxes(self.get_variable(MEDIA_CACHE, name), 1, 2)
+                   for name in ("cached_key", "cached_value"))
     k, v = self._keys_values(context)
-    if self.is_mutable_collection("cache") and not self.is_initializing():
-      self.put_variable("cache", "cached_key", k)
-      self.put_variable("cache", "cached_value", v)
+    if self.is_mutable_collection(MEDIA_CACHE) and not self.is_initializing():
+      self.put_variable(MEDIA_CACHE, "cached_key", jnp.swapaxes(k, 1, 2))
+      self.put_variable(MEDIA_CACHE, "cached_value", jnp.swapaxes(v, 1, 2))
     return k, v
 
   def _write_cache(self, k, v, index, size: int) -> tuple[jax.Array, jax.Array]:
-    """Writes the new k, v [B, T, K, D] at slot `index` of the [B, size, K, D] cache."""
-    shape = (k.shape[0], size) + k.shape[2:]
-    cached = [self.variable("cache", name, jnp.zeros, shape, self.dtype) for name in ("cached_key", "cached_value")]
+    """Writes the new k, v [B, T, K, D] at slot `index` of the cache and returns all
+    `size` slots as [B, size, K, D]. The cache is stored [B, K, size, D], the layout the
+    attention matmuls read, so no step transposes it."""
+    b, _, heads, d = k.shape
+    cached = [self.variable(CACHE, name, jnp.zeros, (b, heads, size, d), self.dtype)
+              for name in ("cached_key", "cached_value")]
     for var, new in zip(cached, (k, v)):
-      var.value = jax.lax.dynamic_update_slice(var.value, new.astype(var.value.dtype),
-                                               (0, index, 0, 0))
-    return cached[0].value, cached[1].value
+      var.value = jax.lax.dynamic_update_slice(
+          var.value, jnp.swapaxes(new, 1, 2).astype(var.value.dtype), (0, 0, index, 0))
+    return tuple(jnp.swapaxes(var.value, 1, 2) for var in cached)

@@ -24,7 +24,7 @@ import numpy as np
 from flamingo_jax import lm as lm_families
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
-from flamingo_jax.layers.attention import SelfAttentionInputs
+from flamingo_jax.layers.attention import CACHE, MEDIA_CACHE, SelfAttentionInputs
 from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense
 from flamingo_jax.lm.token_rows import NewTokenRows
 from flamingo_jax.layers.scan import scan
@@ -174,7 +174,7 @@ class DecoderLM(nn.Module):
     if c.remat_policy != "none" and cached is None:
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     if lay.num_groups:
-      scanned = scan(group, variable_axes={"params": 0, "cache": 0},
+      scanned = scan(group, variable_axes={"params": 0, CACHE: 0, MEDIA_CACHE: 0},
                      split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(args),
                      length=lay.num_groups, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(c, lay.group_size, xattn_at, name="groups")(x, *args)
@@ -195,8 +195,8 @@ class DecoderLM(nn.Module):
 
 
 def reorder_cache(cache, rows: jax.Array):
-  """Gathers batch rows of a decode cache (the `"cache"` collection of `DecoderLM`): the
-  scanned groups' leaves are [groups, B, ...], the tail's [B, ...]."""
+  """Gathers batch rows of a decode cache (a `"cache"` or `"media_cache"` collection of
+  `DecoderLM`): the scanned groups' leaves are [groups, B, ...], the tail's [B, ...]."""
   def take(path, leaf):
     scanned = any(getattr(key, "key", None) == "groups" for key in path)
     return jnp.take(leaf, rows, axis=1 if scanned else 0)
