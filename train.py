@@ -43,9 +43,7 @@ def init_params(model, config, model_config, mesh, rules, example_batch):
   if config.init:
     from flamingo_jax.convert.openflamingo import load_converted
     _, params, _ = load_converted(config.init)
-    if model_config.trainable_token_ids and "new_tokens" not in params["lm"]:
-      params["lm"]["new_tokens"] = token_rows.rows_from_lm(
-          params["lm"], model_config.trainable_token_ids, model_config.lm.tie_embeddings)
+    params = token_rows.with_rows(params, model_config)
     return jax.device_put(params, shardings), abstract, os.path.abspath(config.init)
   params = jax.jit(lambda rng: nn.unbox(init(rng))["params"], out_shardings=shardings)(
       jax.random.PRNGKey(config.seed))

@@ -84,8 +84,8 @@ def _converted_tokenizer(path: str) -> str:
 
 
 def restore_converted(path: str):
-  """(model, params) of a converted directory; `convert.openflamingo.load_converted`
-  without the tokenizer, with errors that name the file."""
+  """(model, params) of a converted directory (`convert.openflamingo.load_converted`
+  adds the tokenizer); errors name the file."""
   import orbax.checkpoint as ocp
 
   from flamingo_jax.convert.state_dict import check_tree
@@ -185,11 +185,7 @@ def _initial_params(model, source: str, where: str) -> dict:
                          f"which is not {CONVERTED_LAYOUT}; put it back at that path")
   from flamingo_jax.lm import token_rows
   _, params = restore_converted(source)
-  c = model.config
-  if c.trainable_token_ids and "new_tokens" not in params["lm"]:  # as train.py's init_params
-    params["lm"]["new_tokens"] = token_rows.rows_from_lm(params["lm"], c.trainable_token_ids,
-                                                         c.lm.tie_embeddings)
-  return params
+  return token_rows.with_rows(params, model.config)  # as train.py's init_params
 
 
 def random_init(model, seed: int) -> dict:

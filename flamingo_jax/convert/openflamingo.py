@@ -399,18 +399,12 @@ def save_converted(output: str, model, params, tokenizer) -> None:
 
 def load_converted(path: str):
   """`(Flamingo model, params, tokenizer)` from a directory `save_converted` wrote."""
-  import orbax.checkpoint as ocp
   from transformers import AutoTokenizer
 
-  from flamingo_jax.model import Flamingo
+  from flamingo_jax.load_model import restore_converted
 
   path = os.path.abspath(path)
-  with open(os.path.join(path, "config.json")) as f:
-    config = FlamingoConfig.from_dict(json.load(f))
-  model = Flamingo(config)
-  target = abstract_params(model)
-  params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
-  check_tree(params, target, what=f"params restored from {path}")
+  model, params = restore_converted(path)
   tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
   return model, params, tokenizer
 

@@ -89,8 +89,7 @@ def _positive_int(value, name: str) -> int:
 
 
 def _eos_ids(eos, config) -> tuple[int, ...]:
-  ids = (eos,) if np.ndim(eos) == 0 else tuple(eos)
-  ids = tuple(int(i) for i in ids)
+  ids = search.eos_ids(eos)
   if not ids or any(not 0 <= i < config.lm.vocab_size for i in ids):
     raise ValueError(f"eos_token_id={eos!r}: ids must lie in [0, lm.vocab_size="
                      f"{config.lm.vocab_size}); the config's <|endofchunk|> id is "

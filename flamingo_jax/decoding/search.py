@@ -42,7 +42,7 @@ def search(step_fn: StepFn, reorder_fn: ReorderFn, state: Any, first_logits: jax
   after its eos HF holds `pad_token_id or eos[0]` (a truthiness test: eos[0] when the pad
   id is 0), here always `pad_token_id`.
   """
-  eos = _eos_ids(eos_token_id)
+  eos = eos_ids(eos_token_id)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if do_sample and rng is None:
@@ -60,7 +60,8 @@ def search(step_fn: StepFn, reorder_fn: ReorderFn, state: Any, first_logits: jax
               max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, rng=rng)
 
 
-def _eos_ids(eos_token_id) -> tuple[int, ...]:
+def eos_ids(eos_token_id) -> tuple[int, ...]:
+  """An id, a list of ids or None → a tuple of ids."""
   if eos_token_id is None:
     return ()
   if isinstance(eos_token_id, (int, np.integer)):

@@ -58,3 +58,12 @@ def rows_from_lm(lm_params, token_ids, tied: bool) -> dict:
   if not tied:
     rows["head"] = np.asarray(lm_params["lm_head"]["kernel"])[:, ids]
   return rows
+
+
+def with_rows(params: dict, config) -> dict:
+  """`params` with `lm/new_tokens` filled from the frozen rows when the config trains new
+  token rows and the params (e.g. a converted model saved without them) lack them."""
+  if config.trainable_token_ids and "new_tokens" not in params["lm"]:
+    params["lm"]["new_tokens"] = rows_from_lm(params["lm"], config.trainable_token_ids,
+                                              config.lm.tie_embeddings)
+  return params
