@@ -107,20 +107,10 @@ def prepare(a):
   return model, params, tokenizer, batch
 
 
-def continuations(tokenizer, new_tokens, stop_id: int) -> list[str]:
-  """Each row's text up to (not including) its first stop token, special tokens dropped."""
-  import numpy as np
-  out = []
-  for row in np.asarray(new_tokens).tolist():
-    row = row[:row.index(stop_id)] if stop_id in row else row
-    out.append(tokenizer.decode(row, skip_special_tokens=True))
-  return out
-
-
 def run(a) -> list[str]:
   import jax
 
-  from flamingo_jax.decoding import generate
+  from flamingo_jax.decoding import generate, prompts
 
   model, params, tokenizer, batch = prepare(a)
   new_tokens = generate(
@@ -130,7 +120,7 @@ def run(a) -> list[str]:
       no_repeat_ngram_size=a.no_repeat_ngram_size, min_new_tokens=a.min_new_tokens,
       eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
       rng=jax.random.PRNGKey(a.seed) if a.do_sample else None)
-  return continuations(tokenizer, new_tokens, model.config.eoc_token_id)
+  return prompts.continuations(tokenizer, new_tokens, model.config.eoc_token_id)
 
 
 def main(argv=None) -> int:

@@ -50,17 +50,18 @@ class ImagePreprocessing:
     return images.preprocess(image, mode=self.mode, size=self.size)
 
 
-def load_model(path, *, tokenizer=None):
+def load_model(path, *, tokenizer=None, require_tokenizer: bool = True):
   """`(Flamingo model, params, tokenizer, ImagePreprocessing)` from a converted model or a
   train.py workdir (see the module docstring). `tokenizer`: an HF tokenizer directory
-  that overrides the one the directory provides."""
+  that overrides the one the directory provides. `require_tokenizer=False`: a workdir
+  without one (the synthetic demo's word vocabulary) gives tokenizer None."""
   path = os.path.abspath(os.fspath(path))
   if _is_converted(path):
     model, params = restore_converted(path)
     tok = _tokenizer(tokenizer or _converted_tokenizer(path), model.config, path)
     return model, params, tok, default_preprocessing(model.config)
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    return _load_workdir(path, tokenizer)
+    return _load_workdir(path, tokenizer, require_tokenizer)
   if not os.path.isdir(path):
     raise LoadModelError(f"{path}: no such directory; expected {CONVERTED_LAYOUT} or "
                          f"{WORKDIR_LAYOUT}")
@@ -120,7 +121,16 @@ def _read_config(file: str) -> FlamingoConfig:
 
 # --- train.py workdirs -----------------------------------------------------------------------
 
-def _load_workdir(path: str, tokenizer):
+def train_config(path):
+  """The train.py config a workdir was trained with (ConfigDict), None for a converted
+  model."""
+  path = os.path.abspath(os.fspath(path))
+  if _is_converted(path) or not os.path.isdir(os.path.join(path, "checkpoints")):
+    return None
+  return _read_manifest(os.path.join(path, "checkpoints"))[2]
+
+
+def _load_workdir(path: str, tokenizer, require_tokenizer: bool = True):
   import jax
   import jax.numpy as jnp
 
@@ -134,7 +144,12 @@ def _load_workdir(path: str, tokenizer):
     raise LoadModelError(f"{where}: the manifest's model config is invalid ({e})") from e
   source = manifest.get("frozen_source", "")
   # User errors first: the tokenizer is cheap to find, the frozen weights are not.
-  tok = _tokenizer(tokenizer or _workdir_tokenizer(path, source, config), model.config, where)
+  try:
+    tok = _tokenizer(tokenizer or _workdir_tokenizer(path, source, config), model.config, where)
+  except LoadModelError:
+    if require_tokenizer or tokenizer:
+      raise
+    tok = None
 
   patterns = tuple(config.trainable)
   _, frozen = partition.split(_initial_params(model, source, where), patterns)

@@ -255,6 +255,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
   return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def tie_credit(scores: np.ndarray) -> np.ndarray:
+  """[B, C] scores → [B, C] credit: 1 / (number tied) on each row's top-scoring
+  candidates, 0 elsewhere (the expected accuracy of breaking ties at random)."""
+  top = scores >= scores.max(axis=1, keepdims=True)
+  return top / top.sum(axis=1, keepdims=True)
+
+
 def evaluate(logits_fn: Callable[[dict], np.ndarray], *, shots: int, num_episodes: int,
              batch_size: int = 64, seed: int = 0, task: TaskConfig = TaskConfig()) -> dict:
   """Accuracy on held-out k-shot episodes, answers ranked by log-likelihood.
@@ -277,9 +284,7 @@ def evaluate(logits_fn: Callable[[dict], np.ndarray], *, shots: int, num_episode
     logits = np.asarray(logits_fn(batch), np.float64)
     rows = np.arange(logits.shape[0])
     pos = np.argmax(batch["loss_mask"], axis=1)  # the one position predicting the answer
-    scores = _log_softmax(logits[rows, pos])[:, candidates]  # [B, C]
-    top = scores >= scores.max(axis=1, keepdims=True)
-    credit = top / top.sum(axis=1, keepdims=True)
+    credit = tie_credit(_log_softmax(logits[rows, pos])[:, candidates])  # [B, C]
     truth = candidates[None, :] == meta["answer"][:, None]
     rule_is_colour = np.array(RULES)[meta["rule"]] == "colour"
     right_kind = is_colour[None, :] == rule_is_colour[:, None]

@@ -75,6 +75,15 @@ def load_images(paths: list[str], preprocessing, num_media_per_prompt: list[int]
   return out, mask
 
 
+def continuations(tokenizer, new_tokens, stop_id: int) -> list[str]:
+  """Each row's text up to (not including) its first stop token, special tokens dropped."""
+  out = []
+  for row in np.asarray(new_tokens).tolist():
+    row = row[:row.index(stop_id)] if stop_id in row else row
+    out.append(tokenizer.decode(row, skip_special_tokens=True))
+  return out
+
+
 def _count(n: int, what: str) -> str:
   return f"{n} {what}" + ("" if n == 1 else "s")
 
