@@ -37,8 +37,12 @@ class ImageFile:
   path: str
 
   def load(self, preprocess: Preprocess) -> np.ndarray:
-    from flamingo_jax.decoding.prompts import read_image
-    return preprocess(read_image(self.path))[None]
+    from flamingo_jax.decoding.prompts import PromptError, read_image
+    try:
+      image = read_image(self.path)
+    except PromptError as e:  # missing or undecodable: a dataset problem, named by its path
+      raise TaskDataError(str(e)) from e
+    return preprocess(image)[None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,24 @@ def require_file(path: str, what: str, layout: str) -> str:
   if not os.path.isfile(path):
     raise TaskDataError(f"{path}: missing ({what}); expected {layout}")
   return path
+
+
+def require_dir(path: str, what: str, layout: str) -> str:
+  """`path` if it is a folder, else TaskDataError naming it and the layout."""
+  import os
+  if not os.path.isdir(path):
+    raise TaskDataError(f"{path}: missing ({what}); expected {layout}")
+  return path
+
+
+def first_file(folder: str, names, what: str, layout: str) -> str:
+  """The first of `names` (paths relative to `folder`) that is a file; else TaskDataError
+  naming them all."""
+  import os
+  for name in names:
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  raise TaskDataError(f"{folder}: none of {', '.join(names)} found ({what}); expected {layout}")
 
 
 def read_json(path: str, layout: str):
