@@ -23,13 +23,19 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",  # Hungarian image–sentence assignment for MMC4 documents
 ]
 
+# eval.py's official scorers: pycocoevalcap (COCO's CIDEr-D; its PTB tokenizer runs
+# `java`), scikit-learn (ROC-AUC), nltk + inflection (OK-VQA's stemming, as
+# open_flamingo's ok_vqa_utils does; NLTK's data is a separate download), tqdm (progress).
+EVAL = ["pycocoevalcap==1.2", "pycocotools==2.0.11", "scikit-learn==1.9.1", "nltk==3.10.4",
+        "inflection==0.5.1", "tqdm==4.70.1"]
+
 # PyTorch is needed only to read .pt/.bin checkpoints and for the parity tests. Pinned
 # exactly: any other torch version pulls gigabytes of CUDA wheels.
 TORCH = ["torch==2.13.0"]
 # The reference implementations themselves (open_flamingo, open_clip, timm, torchvision)
 # pin an old torch in their metadata, so they install with --no-deps from
 # tests/requirements-reference.txt; these are their remaining dependencies.
-TEST = TORCH + ["pytest==9.0.3", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
+TEST = TORCH + EVAL + ["pytest==9.0.3", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
                 "sentencepiece==0.2.3", "regex"]
 
 setup(
@@ -39,5 +45,5 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH, "test": TEST},
+    extras_require={"torch": TORCH, "eval": EVAL, "test": TEST},
 )

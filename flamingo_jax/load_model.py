@@ -232,7 +232,7 @@ def _restore_trainable(state_dir: str, model, patterns) -> dict:
   from flamingo_jax.train import partition
 
   want, _ = partition.split(_abstract_params(model.config), patterns)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {"params": jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=device), want)}
   checkpointer = ocp.PyTreeCheckpointer()

@@ -44,6 +44,7 @@ class Protocol:
   # Position ids of left-padded prompts as open_flamingo's generate gives them (pads
   # counted; decoding.md): what their published numbers used. Matters for rotary LMs.
   count_padding: bool = True
+  vqa_normalisation: str = "official"  # vqa_accuracy's normalise_answers
 
 
 @dataclasses.dataclass
@@ -151,7 +152,7 @@ def run_cell(ctx: Context, task: Task, data: TaskData, prepared: dict, shots: in
   if ctx.process_index != 0:
     return None
   records = _join(folder, name, indices)
-  score = metric(task, data, records)
+  score = metric(task, data, records, ctx.protocol)
   final = os.path.join(folder, f"{name}.jsonl")
   tmp = f"{final}.tmp"
   with open(tmp, "w") as f:
@@ -199,12 +200,16 @@ def barrier(ctx: Context, name: str) -> None:
 
 def prepare(ctx: Context, task: Task, data: TaskData, num_samples: int) -> dict:
   """Test subset, query set, RICES features, candidate tokens: what every cell reuses."""
-  out = dict(test_indices=test_indices(len(data.test), num_samples))
   if task.family == "episodes":
-    out["synthetic"] = synthetic_task.task_config(ctx.train_config)
-    return out
+    config, seed = synthetic_task.task_config(ctx.train_config)
+    count = num_samples or int(ctx.train_config.get("eval", {}).get("episodes", 512))
+    return dict(test_indices=np.arange(count), synthetic=(config, seed))
+  out = dict(test_indices=test_indices(len(data.test), num_samples))
   if ctx.tokenizer is None:
     raise EvaluationError(f"{task.name}: needs the model's tokenizer; pass --tokenizer DIR")
+  if task.postprocess == "ok_vqa":  # fail now, not after the first cell's generations
+    from flamingo_jax.evaluation.vqa_accuracy import require_stemming_data
+    require_stemming_data()
   query = demos_lib.query_set(len(data.train), ctx.protocol.query_set_size)
   out["query_set"] = query
   if ctx.protocol.demonstrations == "rices":
@@ -359,7 +364,7 @@ def _predict_episodes(ctx, prepared, shots, seed, indices):
 
 # --- metrics ---------------------------------------------------------------------------------
 
-def metric(task: Task, data: TaskData, records: list[dict]) -> float:
+def metric(task: Task, data: TaskData, records: list[dict], protocol: Protocol) -> float:
   """The task's official metric (×100) on the joined predictions."""
   if task.metric == "accuracy":  # synthetic: ties share the credit, as train.py scores
     return 100.0 * float(np.mean([r["credit"] for r in records]))
@@ -372,7 +377,7 @@ def metric(task: Task, data: TaskData, records: list[dict]) -> float:
     return cider(predictions, targets)
   if task.metric == "vqa_accuracy":
     from flamingo_jax.evaluation.vqa_accuracy import vqa_accuracy
-    return vqa_accuracy(predictions, targets)
+    return vqa_accuracy(predictions, targets, normalise_answers=protocol.vqa_normalisation)
   if task.metric == "roc_auc":
     from flamingo_jax.evaluation.classification_metrics import roc_auc
     return roc_auc([int(targets[r["id"]][0] == "yes") for r in records],

@@ -57,3 +57,9 @@ register(
     _image_task("imagenet", "classification", "top1", 0, "imagenet",
                 classification.load_imagenet, classification.IMAGENET_LAYOUT),
 )
+
+# Video tasks (their own folders: DATA/msvd_qa/, DATA/msrvtt_qa/, DATA/vatex/) and the
+# demo's synthetic episodes (no files: a synthetic workdir's config makes them).
+from flamingo_jax.evaluation.tasks import synthetic, video  # noqa: E402
+
+register(*video.tasks().values(), synthetic.TASK)
