@@ -110,7 +110,8 @@ def start_results(output: str, header: dict) -> dict:
     if key == "model":  # the same weights, wherever they are now
       old, new = (old or {}).get("fingerprint"), new.get("fingerprint")
     if old != new:
-      diff = ([f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+      diff = ([f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in {**new, **old}  # either's
+               if old.get(k) != new.get(k)]
               if key == "protocol" and isinstance(old, dict) else [f"{old!r} → {new!r}"])
       raise EvaluationError(
           f"{os.path.join(output, RESULTS)} holds an evaluation with another {key} "
@@ -140,6 +141,7 @@ def run_cell(ctx: Context, task: Task, data: TaskData, prepared: dict, shots: in
   if progress is not None:
     progress.update(len(mine) - len(todo))
   part = os.path.join(folder, f"{name}.part{ctx.process_index}.jsonl")
+  _end_cut_line(part)
   with open(part, "a") as f:
     for b in range(0, len(todo), ctx.batch_size):
       chunk = todo[b:b + ctx.batch_size]
@@ -164,6 +166,16 @@ def run_cell(ctx: Context, task: Task, data: TaskData, prepared: dict, shots: in
   return dict(score=score, num_examples=len(records),
               predictions=os.path.relpath(final, ctx.output),
               seconds=round(time.perf_counter() - start, 2))
+
+
+def _end_cut_line(path: str) -> None:
+  """Ends a part file's last line when a kill cut it, so the next record appended starts
+  a line of its own (else it would be glued to the cut one and dropped with it)."""
+  if os.path.isfile(path) and os.path.getsize(path):
+    with open(path, "rb+") as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
 
 
 def _read_parts(folder: str, name: str) -> list[dict]:
