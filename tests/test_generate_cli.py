@@ -59,14 +59,7 @@ class Converted:
   """The tiny OpenFlamingo model's artefacts, its converted directory and reference."""
 
   def __init__(self, root: str):
-    self.reference, clip_cfg, self.tokenizer = tiny.build(root, "mpt")
-    clip_json = os.path.join(root, "clip.json")
-    with open(clip_json, "w") as f:
-      json.dump(clip_cfg, f)
-    self.dir = os.path.join(root, "converted")
-    of.main(["--checkpoint", f"{root}/checkpoint.pt", "--vision", f"{root}/vision.pt",
-             "--vision_config", clip_json, "--lm", f"{root}/lm", "--tokenizer", f"{root}/tokenizer",
-             "--cross_attn_every_n_layers", str(tiny.CROSS_ATTN_EVERY), "--output", self.dir])
+    self.reference, self.tokenizer, self.dir = tiny.convert(root, "mpt")
     with open(os.path.join(self.dir, "config.json")) as f:
       self.model_config = json.load(f)
 

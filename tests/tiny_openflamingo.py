@@ -174,3 +174,20 @@ def reference_logits(model, ids, mask, images) -> np.ndarray:
     out = model(vision_x=vision_x, lang_x=torch.from_numpy(ids),
                 attention_mask=torch.from_numpy(mask))
   return out.logits.float().numpy()
+
+
+def convert(root: str, family: str = "mpt"):
+  """`build` into `root`, then the convert CLI into root/converted. Returns (reference
+  Flamingo, tokenizer, the converted directory)."""
+  import json
+
+  from flamingo_jax.convert import openflamingo as of
+  reference, clip_cfg, tokenizer = build(root, family)
+  clip_json = os.path.join(root, "clip.json")
+  with open(clip_json, "w") as f:
+    json.dump(clip_cfg, f)
+  out = os.path.join(root, "converted")
+  of.main(["--checkpoint", f"{root}/checkpoint.pt", "--vision", f"{root}/vision.pt",
+           "--vision_config", clip_json, "--lm", f"{root}/lm", "--tokenizer", f"{root}/tokenizer",
+           "--cross_attn_every_n_layers", str(CROSS_ATTN_EVERY), "--output", out])
+  return reference, tokenizer, out
