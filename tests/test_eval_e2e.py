@@ -187,3 +187,70 @@ def test_okvqa_without_stemming_data_names_the_download(model_dir, data, tmp_pat
                         "--seeds", "1", "--data-dir", data[0], "--output", str(tmp_path)])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "nltk" in err[0].lower(), err
+
+
+def test_rices_picks_the_most_similar_last_and_caches_features(model_dir, data, tmp_path,
+                                                                monkeypatch):
+  import jax.numpy as jnp
+
+  from flamingo_jax.evaluation import rices
+  from flamingo_jax.load_model import load_model
+  from PIL import Image
+  root, expected = data
+  output = str(tmp_path)
+  args = ["--model", model_dir, "--tasks", "coco", "--shots", "2", "--data-dir", root,
+          "--output", output, "--batch-size", "2", "--positions", "hf",
+          "--demonstrations", "rices"]
+  assert eval_cli.main(args + ["--seeds", "1"]) == 0
+  # Features re-derived here: the vision tower's tokens, averaged, unit norm.
+  model, params, _, preprocess = load_model(model_dir)
+
+  def feature(example, split):
+    folder = "train2014" if split == "train" else "val2014"
+    pixels = preprocess(np.asarray(Image.open(os.path.join(
+        root, "coco", folder, f"COCO_{folder}_{example['id']:012d}.jpg")).convert("RGB")))
+    tokens = model.apply({"params": params}, jnp.asarray(pixels)[None],
+                         method=lambda m, x: m.vision(x))
+    x = np.asarray(tokens, np.float64).mean(axis=1)[0]
+    return x / np.linalg.norm(x)
+
+  train = expected["coco"]["train"]
+  q = np.stack([feature(e, "train") for e in train])
+  for r in read_jsonl(os.path.join(output, "predictions", "coco_2shot_seed0.jsonl")):
+    query = next(e for e in expected["coco"]["test"] if e["id"] == r["id"])
+    order = np.argsort(-(q @ feature(query, "test")))[:2]
+    assert r["demonstrations"] == [train[i]["id"] for i in order[::-1]]  # most similar last
+  # A second seed reads the query set's features from the cache.
+  monkeypatch.setattr(rices, "features", lambda *a, **k: pytest.fail("features recomputed"))
+  assert eval_cli.main(args + ["--seeds", "2"]) == 0
+
+
+def test_prompt_ensembling_averages_over_orders(model_dir, data, tmp_path):
+  root, _ = data
+  common = ["--model", model_dir, "--tasks", "hateful_memes", "--shots", "2", "--seeds", "1",
+            "--data-dir", root, "--batch-size", "2", "--positions", "hf"]
+  plain, ensembled = str(tmp_path / "plain"), str(tmp_path / "ensembled")
+  assert eval_cli.main(common + ["--output", plain]) == 0
+  assert eval_cli.main(common + ["--output", ensembled, "--prompt-ensembling"]) == 0
+  one = read_jsonl(os.path.join(plain, "predictions", "hateful_memes_2shot_seed0.jsonl"))
+  two = read_jsonl(os.path.join(ensembled, "predictions", "hateful_memes_2shot_seed0.jsonl"))
+  assert [r["permutations"] for r in one] == [1] * len(one)
+  assert [r["permutations"] for r in two] == [2] * len(two)  # 2 shots: 2! orders
+  # Same demonstrations, first order the same; averaging the reversed order moves P(yes).
+  assert [r["demonstrations"] for r in one] == [r["demonstrations"] for r in two]
+  assert any(abs(a["p_yes"] - b["p_yes"]) > 1e-6 for a, b in zip(one, two))
+
+
+def test_paper_prompt_style(model_dir, data, tmp_path):
+  root, expected = data
+  assert eval_cli.main(["--model", model_dir, "--tasks", "vqav2", "--shots", "2", "--seeds", "1",
+                        "--data-dir", root, "--output", str(tmp_path), "--batch-size", "2",
+                        "--positions", "hf", "--prompt-style", "paper"]) == 0
+  r = read_jsonl(os.path.join(str(tmp_path), "predictions", "vqav2_2shot_seed0.jsonl"))[0]
+  test_ids = [e["id"] for e in expected["vqav2"]["test"]]
+  index = test_ids.index(r["id"])
+  demos = _demos("vqav2", 0, index, 2, expected)
+  query = expected["vqav2"]["test"][index]
+  want = "".join(f"<image>Question: {d['question']} Answer: {d['targets'][0]}{EOC}"
+                 for d in demos) + f"<image>Question: {query['question']} Answer:"
+  assert r["prompt"] == want
