@@ -56,8 +56,8 @@ def data(tmp_path_factory):
   return root, expected
 
 
-def run_eval(model_dir, data_dir, output, *extra):
-  return eval_cli.main(["--model", model_dir, "--tasks", ",".join(TASKS), "--shots", "0,2",
+def run_eval(model_dir, data_dir, output, *extra, tasks=TASKS):
+  return eval_cli.main(["--model", model_dir, "--tasks", ",".join(tasks), "--shots", "0,2",
                         "--seeds", "1", "--data-dir", data_dir, "--output", output,
                         "--batch-size", "2", "--positions", "hf", *extra])
 
@@ -157,22 +157,23 @@ def test_prompts_as_specified(evaluated, data):
 
 
 def test_rerun_resumes_finished_cells(evaluated, model_dir, data, monkeypatch):
-  """A second seed: the first seed's cells are kept as they are, only the new ones run."""
+  """A second seed (for one generation and one classification task): the first seed's
+  cells are kept as they are, only the new ones run."""
   from flamingo_jax.evaluation import runner
   output, before = evaluated
   calls = []
   predict = runner.predict
   monkeypatch.setattr(runner, "predict", lambda ctx, task, *a: calls.append(task.name) or predict(ctx, task, *a))
-  assert run_eval(model_dir, data[0], output, "--seeds", "2") == 0
+  rerun = ("coco", "imagenet")
+  assert run_eval(model_dir, data[0], output, "--seeds", "2", tasks=rerun) == 0
   after = json.load(open(os.path.join(output, "results.json")))
+  assert after["tasks"].keys() == before["tasks"].keys()
   for name in TASKS:
     for shots in ("0", "2"):
       assert after["tasks"][name]["cells"][shots]["0"] == before["tasks"][name]["cells"][shots]["0"]
-      assert "1" in after["tasks"][name]["cells"][shots]
-  # Each task's seed-1 cells only: ceil(num_test / batch) batches per shot count (more for
-  # the ensembling-free classification: one call per batch too).
-  want = sum(2 * -(-before["tasks"][n]["num_test"] // 2) for n in TASKS)
-  assert len(calls) == want
+      assert ("1" in after["tasks"][name]["cells"][shots]) == (name in rerun)
+  # The seed-1 cells only: ceil(num_test / batch size 2) calls per shot count.
+  assert len(calls) == sum(2 * -(-before["tasks"][n]["num_test"] // 2) for n in rerun)
 
 
 def test_okvqa_without_stemming_data_names_the_download(model_dir, data, tmp_path, capsys):
@@ -254,3 +255,23 @@ def test_paper_prompt_style(model_dir, data, tmp_path):
   want = "".join(f"<image>Question: {d['question']} Answer: {d['targets'][0]}{EOC}"
                  for d in demos) + f"<image>Question: {query['question']} Answer:"
   assert r["prompt"] == want
+
+
+def test_okvqa_end_to_end_without_the_stemmer(model_dir, data, tmp_path, monkeypatch):
+  """OK-VQA's files, prompts and scoring; its NLTK stemming (tested on its own in
+  test_eval_metrics.py) is replaced by the identity, as its data is not installed here."""
+  from flamingo_jax.evaluation import postprocess, vqa_accuracy as vqa_lib
+  root, _ = data
+  expected = ef.write_okvqa(root)
+  monkeypatch.setattr(vqa_lib, "require_stemming_data", lambda: None)
+  monkeypatch.setattr(postprocess, "ok_vqa_answer", lambda text: postprocess.vqa_answer(text))
+  output = str(tmp_path)
+  assert eval_cli.main(["--model", model_dir, "--tasks", "okvqa", "--shots", "2", "--seeds", "1",
+                        "--data-dir", root, "--output", output, "--batch-size", "2",
+                        "--positions", "hf"]) == 0
+  cell = json.load(open(os.path.join(output, "results.json")))["tasks"]["okvqa"]["cells"]["2"]["0"]
+  records = read_jsonl(os.path.join(output, cell["predictions"]))
+  targets = {e["id"]: list(e["targets"]) for e in expected["test"]}
+  assert {r["id"] for r in records} == set(targets)
+  assert cell["score"] == pytest.approx(vqa_accuracy({r["id"]: r["prediction"] for r in records},
+                                                     targets), abs=1e-9)
