@@ -14,24 +14,16 @@ cell's examples; process 0 scores the union.
 """
 import argparse
 import dataclasses
-import logging
 import os
 import sys
+
+from flamingo_jax.cli import EPILOG, Parser, UsageError, run_command
 
 DEFAULT_SHOTS = "0,4,8,16,32"
 
 
-class UsageError(ValueError):
-  pass
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, not argparse's usage block
-    raise UsageError(message)
-
-
 def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
+  p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0], epilog=EPILOG)
   p.add_argument("--model", help="a converted model or a train.py workdir")
   p.add_argument("--tasks", help="comma-separated task names (--list-tasks)")
   p.add_argument("--shots", default=DEFAULT_SHOTS, help=f"comma-separated (default {DEFAULT_SHOTS})")
@@ -184,29 +176,28 @@ def _progress(total: int, enabled: bool):
 
 def main(argv=None) -> int:
   """0 when every cell ran; 2 (one line on stderr) for a user error."""
-  try:
+  from flamingo_jax.evaluation.cider import JavaNotFoundError
+  from flamingo_jax.evaluation.vqa_accuracy import StemmingDataError
+  tasks = all_tasks()
+
+  def parse(argv):
     a = parser().parse_args(argv)
-    tasks = all_tasks()
+    if not a.list_tasks:
+      check_args(a, tasks)
+    return a
+
+  def work(a):
     if a.list_tasks:
       for name, t in tasks.items():
         print(f"{name:14s} {t.metric:13s} {t.layout}")
-      return 0
-    check_args(a, tasks)
-  except UsageError as e:
-    print(f"eval: error: {e}", file=sys.stderr)
-    return 2
-  except SystemExit as e:  # --help
-    return int(e.code or 0)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
-  try:
+      return
     results = run(a, tasks)
-  except (ValueError, OSError, RuntimeError) as e:  # ours name the flag, file or field
-    print(f"eval: error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
-    return 2
-  if results is not None:  # process 0
-    from flamingo_jax.evaluation import report
-    print(report.markdown(results))
-  return 0
+    if results is not None:  # process 0
+      from flamingo_jax.evaluation import report
+      print(report.markdown(results))
+
+  return run_command("eval", parse, work, argv,
+                     user_errors=(ValueError, OSError, JavaNotFoundError, StemmingDataError))
 
 
 if __name__ == "__main__":

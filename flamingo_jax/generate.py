@@ -13,23 +13,13 @@ Run it as a command (`python -m`), not as an import: `flamingo_jax.generate` is 
 generation function.
 """
 import argparse
-import logging
 import sys
 
-EPILOG = "exit status: 0 ok, 2 a user error (one line on stderr)"
-
-
-class UsageError(ValueError):
-  """A bad command line (argparse's check or ours); the message names the flag."""
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, not argparse's usage block
-    raise UsageError(message)
+from flamingo_jax.cli import EPILOG, Parser, UsageError, run_command
 
 
 def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m flamingo_jax.generate", description=__doc__.split("\n\n")[0],
+  p = Parser(prog="python -m flamingo_jax.generate", description=__doc__.split("\n\n")[0],
               epilog=EPILOG)
   p.add_argument("--model", required=True, metavar="DIR",
                  help="a converted model (convert CLI --output) or a train.py workdir")
@@ -125,23 +115,11 @@ def run(a) -> list[str]:
 
 def main(argv=None) -> int:
   """Prints the continuations; returns 0, or 2 (one line on stderr) for user errors."""
-  try:
+  def parse(argv):
     a = parser().parse_args(argv)
     check_args(a)
-  except UsageError as e:
-    print(f"generate: error: {e}", file=sys.stderr)
-    return 2
-  except SystemExit as e:  # --help
-    return int(e.code or 0)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
-  try:
-    texts = run(a)
-  except (ValueError, OSError) as e:  # our errors name the flag, file or field
-    print(f"generate: error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
-    return 2
-  for text in texts:
-    print(text)
-  return 0
+    return a
+  return run_command("generate", parse, lambda a: print(*run(a), sep="\n"), argv)
 
 
 if __name__ == "__main__":
