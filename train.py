@@ -29,6 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
 
 
+EVAL_BATCH = 64  # eval.py --batch-size 64 scores the same batches
+
+
 class NonFiniteLossError(RuntimeError):
   pass
 
@@ -73,21 +76,19 @@ def save_loss_plot(workdir: str) -> None:
 
 
 def evaluate(config, model, params, workdir: str, write: bool = True) -> dict | None:
-  """The config's held-out evaluation (the demo's 0- vs 4-shot accuracy)."""
+  """The config's held-out evaluation (the demo's 0- vs 4-shot accuracy), as eval.py's
+  synthetic task scores it."""
   if config.eval.kind != "synthetic_fewshot":
     return None
   from flamingo_jax.data import synthetic
-  logits = jax.jit(lambda p, b: model.apply({"params": p}, b["images"], b["input_ids"],
-                                            b["attention_mask"], media_mask=b["media_mask"]))
+  from flamingo_jax.evaluation.tasks import synthetic as synthetic_task
   data = config.data[config.eval.dataset]
   task = synthetic.TaskConfig(**dict(data.get("task", {})))
-  accuracy = {}
-  for shots in config.eval.shots:
-    r = synthetic.evaluate(lambda b: logits(params, b), shots=shots, task=task,
-                           num_episodes=config.eval.episodes, seed=config.seed)
-    accuracy[str(shots)] = r["accuracy"]
-    chance = r["chance"]
-  result = {"accuracy": accuracy, "chance": chance, "episodes": int(config.eval.episodes)}
+  scores = synthetic_task.model_scores(model, params, rows=EVAL_BATCH)
+  runs = [synthetic_task.accuracy(scores, task, config.seed, shots, config.eval.episodes,
+                                  batch_size=EVAL_BATCH) for shots in config.eval.shots]
+  result = {"accuracy": {str(r["shots"]): r["accuracy"] for r in runs},
+            "chance": runs[0]["chance"], "episodes": int(config.eval.episodes)}
   if write:
     print("held-out accuracy:", json.dumps(result), flush=True)
     with open(os.path.join(workdir, "demo_results.json"), "w") as f:
@@ -230,12 +231,13 @@ def train(config, workdir: str, devices=None) -> dict:
     writer.close()
     signal.signal(signal.SIGTERM, previous)
 
-  result = {"step": int(state["step"]), "preempted": stop["signal"] is not None}
+  result = {"step": int(state["step"]), "preempted": stop["signal"] is not None, "eval": None}
   if stop["signal"] is None:
     if process == 0:
       save_loss_plot(workdir)
-    params = partition.merge(state["params"], partition.cast(frozen, jnp.float32))
-    result["eval"] = evaluate(config, model, params, workdir, write=process == 0)
+    if config.eval.kind:  # the frozen weights as trained (frozen_dtype): no fp32 copy
+      params = partition.merge(state["params"], frozen)
+      result["eval"] = evaluate(config, model, params, workdir, write=process == 0)
   result["state"], result["frozen"] = state, frozen
   return result
 

@@ -10,8 +10,9 @@ DIR is either
                       manifest's, as train.py requires when it resumes.
 
 Only the trainable params are read from a training checkpoint (no optimizer state).
-Frozen weights come back at the source's precision (train.py rounds them to
-`frozen_dtype` while training; the fingerprint is checked on that rounding, as there).
+A workdir's frozen weights come back in its `frozen_dtype`, the precision they trained in
+(train.py rounds them so; the fingerprint is checked on that rounding, as there): the
+model is evaluated as it was trained, and no full-precision copy is made.
 
 `image_preprocessing` turns a decoded image into the model's input: the training data's
 processing for a workdir that trained on prepared / TFDS data, else by vision tower: a
@@ -154,7 +155,8 @@ def _load_workdir(path: str, tokenizer, require_tokenizer: bool = True):
   patterns = tuple(config.trainable)
   _, frozen = partition.split(_initial_params(model, source, where), patterns)
   cast = jax.jit(partition.cast, static_argnums=1)  # one program, not one op per leaf
-  got = checkpoint.fingerprint(cast(frozen, jnp.dtype(config.frozen_dtype)))
+  frozen = cast(frozen, jnp.dtype(config.frozen_dtype))
+  got = checkpoint.fingerprint(frozen)
   if got != manifest.get("frozen_fingerprint"):
     raise LoadModelError(
         f"{where}: trained on frozen weights {source!r} with fingerprint "

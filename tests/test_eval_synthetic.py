@@ -77,7 +77,9 @@ def test_killed_evaluation_resumes_without_recomputing(workdir, reference, tmp_p
 
   monkeypatch.setattr(runner, "predict", dies_in_the_second_cell)
   output = str(tmp_path)
-  assert evaluate(workdir[0], output) == 2  # the first cell (3 batches) had finished
+  with pytest.raises(RuntimeError, match="killed"):
+    evaluate(workdir[0], output)
+  # The first cell (3 batches) had finished.
   assert list(scores(output)) == [(0, 0)]
   calls.clear()
   monkeypatch.setattr(runner, "predict", lambda *a: calls.append(a[4:6]) or predict(*a))

@@ -1,4 +1,5 @@
-"""The synthetic few-shot task: determinism, resumption, sharding, pixels, rules, evaluation."""
+"""The synthetic few-shot task: determinism, resumption, sharding, pixels, rules, and its
+evaluation's ranking (evaluation/tasks/synthetic.py)."""
 import numpy as np
 import pytest
 
@@ -155,54 +156,39 @@ def test_same_query_at_every_shot_count():
   assert four["loss_mask"].sum() == 1 and four["targets"][four["loss_mask"] == 1] == four["meta"]["answer"]
 
 
-def logits_from(score_fn):
-  """A logits_fn giving, at the position that predicts the query answer, score_fn(batch, row)."""
-  def logits_fn(batch):
-    b, t = batch["input_ids"].shape
-    logits = np.zeros((b, t, S.VOCAB_SIZE), np.float32)
-    pos = np.argmax(batch["loss_mask"], axis=1)
-    for r in range(b):
-      logits[r, pos[r]] = score_fn(batch, r, pos[r])
-    return logits
-  return logits_fn
+# Scorers that stand in for a model: eval's `scores(batch) -> [B, 8]` over ANSWER_IDS
+# (the 4 colours, then the 4 shapes).
+
+def perceiver(knows_rule):
+  """Sees the query (the last image) perfectly; names its colour, its shape, or both
+  (tied) when it does not know the rule."""
+  def scores(b):
+    out = np.full((b["input_ids"].shape[0], 8), -10.0)
+    for r in range(out.shape[0]):
+      pixels = S.denormalise(b["images"][r, -1, 0])
+      colour, shape = read_colour(pixels), 4 + read_shape(pixels)
+      rule = knows_rule(b["input_ids"][r])
+      out[r, [colour, shape] if rule is None else [colour if rule == "colour" else shape]] = 10.0
+    return out
+  return scores
 
 
-def oracle(batch, r, p):
-  x = np.zeros(S.VOCAB_SIZE)
-  x[batch["targets"][r, p]] = 10.0
-  return x
-
-
-def perceiver(read_rule):
-  """Sees the query perfectly; names its colour or shape as `read_rule` decides (None: both)."""
-  def score(batch, r, p):
-    slot = int(batch["media_mask"][r].sum()) - 1
-    pixels = S.denormalise(batch["images"][r, slot, 0])
-    colour, shape = S.COLOUR_IDS[read_colour(pixels)], S.SHAPE_IDS[read_shape(pixels)]
-    rule = read_rule(batch, r, p)
-    x = np.zeros(S.VOCAB_SIZE)
-    x[[colour, shape] if rule is None else [colour if rule == "colour" else shape]] = 10.0
-    return x
-  return score
-
-
-def rule_from_context(batch, r, p):
-  if p < 3:
+def rule_from_context(ids):
+  if len(ids) < 3:
     return None  # no shots: the rule is unknown
-  return "colour" if batch["input_ids"][r, 1] in S.COLOUR_IDS else "shape"
+  return "colour" if ids[1] in S.COLOUR_IDS else "shape"
 
 
-def test_evaluate_ranks_by_log_likelihood():
-  kw = dict(num_episodes=50, batch_size=16)  # 50 = three full batches and a padded one
-  result = S.evaluate(logits_from(oracle), shots=2, **kw)
-  assert result["accuracy"] == 1.0 and result["num_episodes"] == 50
-  assert result["chance"] == 1 / 8
-  # Uniform logits: every candidate ties, so each episode earns exactly 1/8.
-  uniform = S.evaluate(lambda b: np.zeros(b["input_ids"].shape + (S.VOCAB_SIZE,)), shots=4, **kw)
-  assert uniform["accuracy"] == pytest.approx(1 / 8)
-  assert uniform["attribute_accuracy"] == pytest.approx(1 / 2)
+def test_accuracy_ranks_and_shares_ties():
+  from flamingo_jax.evaluation.tasks import synthetic as task
+  kw = dict(num_episodes=50, batch_size=16)  # 50 = three full batches and a short one
+  # Uniform scores: every candidate ties, so each episode earns exactly 1/8.
+  uniform = task.accuracy(lambda b: np.zeros((b["input_ids"].shape[0], 8)), TASK, 0, 4, **kw)
+  assert uniform["accuracy"] == pytest.approx(1 / 8) and uniform["num_episodes"] == 50
+  assert uniform["chance"] == 1 / 8 and uniform["attribute_accuracy"] == pytest.approx(1 / 2)
   # A perfect perceiver: 1/2 without shots (it cannot know the rule), 1 once it reads it.
-  blind = S.evaluate(logits_from(perceiver(rule_from_context)), shots=0, **kw)
+  blind = task.accuracy(perceiver(rule_from_context), TASK, 0, 0, **kw)
   assert blind["accuracy"] == pytest.approx(0.5)
-  informed = S.evaluate(logits_from(perceiver(rule_from_context)), shots=4, **kw)
+  informed = task.accuracy(perceiver(rule_from_context), TASK, 0, 4, **kw)
   assert informed["accuracy"] == 1.0 and informed["attribute_accuracy"] == 1.0
+  assert informed["accuracy_colour"] == informed["accuracy_shape"] == 1.0

@@ -30,10 +30,9 @@ Batch (numpy, fixed shapes; M = max_shots + 1 media slots, T = 3 * M tokens):
 The loss is on the answer words only, and on every answer of the episode, not just the
 query's: `<image>` and `<|endofchunk|>` are fixed format tokens that teach nothing about
 images or rules, and the answer after j shots is a j-shot prediction, so one k-shot
-episode trains 0..k shots at once. (Evaluation batches mark only the query's answer.)
+episode trains 0..k shots at once. (`loss_on='query'` marks only the query's answer.)
 """
 import dataclasses
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -232,69 +231,10 @@ def batch_iterator(global_batch_size: int, *, seed: int = 0, task: TaskConfig = 
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation.
-
-def eval_batches(shots: int, num_episodes: int, batch_size: int, *, seed: int = 0,
-                 task: TaskConfig = TaskConfig()) -> Iterator[tuple[dict, dict]]:
-  """Held-out k-shot episodes (the eval split), in fixed-shape batches.
-
-  Yields (batch, meta): `loss_mask` marks only the query answer; meta holds per-row
-  `answer` (token id), `rule`, and `valid` (False for the rows padding the last batch).
-  """
-  for start in range(0, num_episodes, batch_size):
-    examples = [episode(task, seed, EVAL, i, shots=shots, loss_on="query")
-                for i in range(start, start + batch_size)]
-    meta = dict(answer=np.array([e["meta"]["answer"] for e in examples]),
-                rule=np.array([e["meta"]["rule"] for e in examples]),
-                valid=np.arange(start, start + batch_size) < num_episodes)
-    yield collate(examples), meta
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-  x = x - x.max(axis=-1, keepdims=True)
-  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
+# Evaluation (evaluation/tasks/synthetic.py scores episodes with the model).
 
 def tie_credit(scores: np.ndarray) -> np.ndarray:
   """[B, C] scores → [B, C] credit: 1 / (number tied) on each row's top-scoring
   candidates, 0 elsewhere (the expected accuracy of breaking ties at random)."""
   top = scores >= scores.max(axis=1, keepdims=True)
   return top / top.sum(axis=1, keepdims=True)
-
-
-def evaluate(logits_fn: Callable[[dict], np.ndarray], *, shots: int, num_episodes: int,
-             batch_size: int = 64, seed: int = 0, task: TaskConfig = TaskConfig()) -> dict:
-  """Accuracy on held-out k-shot episodes, answers ranked by log-likelihood.
-
-  `logits_fn(batch) -> [B, T, V]` next-token logits. Every candidate (all 8 answer words)
-  is scored by its log-probability as the query's answer; every answer is one token, so
-  the summed and the length-normalised log-likelihoods are the same, and one forward pass
-  scores all candidates (a causal model's logits before the answer do not see it). The
-  top-scoring candidate is the prediction; ties share the credit (1 / number tied), the
-  expected accuracy of breaking them at random.
-
-  Returns accuracy, chance (1 / number of candidates), attribute_accuracy (the fraction
-  of predictions naming the rule's attribute, right value or not: ≈ 1/2 when the rule is
-  unknown), accuracy per rule, and the counts.
-  """
-  candidates = np.array(ANSWER_IDS)
-  is_colour = np.isin(candidates, COLOUR_IDS)
-  correct, attribute, rules = [], [], []
-  for batch, meta in eval_batches(shots, num_episodes, batch_size, seed=seed, task=task):
-    logits = np.asarray(logits_fn(batch), np.float64)
-    rows = np.arange(logits.shape[0])
-    pos = np.argmax(batch["loss_mask"], axis=1)  # the one position predicting the answer
-    credit = tie_credit(_log_softmax(logits[rows, pos])[:, candidates])  # [B, C]
-    truth = candidates[None, :] == meta["answer"][:, None]
-    rule_is_colour = np.array(RULES)[meta["rule"]] == "colour"
-    right_kind = is_colour[None, :] == rule_is_colour[:, None]
-    v = meta["valid"]
-    correct.append((credit * truth).sum(axis=1)[v])
-    attribute.append((credit * right_kind).sum(axis=1)[v])
-    rules.append(meta["rule"][v])
-  correct, attribute, rules = map(np.concatenate, (correct, attribute, rules))
-  result = dict(shots=shots, num_episodes=int(correct.size), accuracy=float(correct.mean()),
-                chance=1.0 / len(candidates), attribute_accuracy=float(attribute.mean()))
-  for r, name in enumerate(RULES):
-    result[f"accuracy_{name}"] = float(correct[rules == r].mean()) if (rules == r).any() else float("nan")
-  return result

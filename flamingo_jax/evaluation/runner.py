@@ -359,18 +359,13 @@ def _predict_classes(ctx, task, data, prepared, shots, seed, indices):
 
 def _predict_episodes(ctx, prepared, shots, seed, indices):
   from flamingo_jax.data import synthetic
-  from flamingo_jax.decoding import score
   task_config, base_seed = prepared["synthetic"]
-  b = synthetic_task.episodes(task_config, base_seed + seed, shots, indices)
-  inputs = dict(images=b["images"], input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                media_mask=np.ones(b["images"].shape[:2], bool))
-  sums = np.asarray(score(ctx.model, ctx.params, **_pad_rows(inputs, ctx.batch_size),
-                          candidates=synthetic_task.candidates())["sum"], np.float64)
-  credit = synthetic.tie_credit(sums[:len(indices)])
+  scores = synthetic_task.model_scores(ctx.model, ctx.params, ctx.batch_size)
+  r = synthetic_task.score_episodes(scores, task_config, base_seed + seed, shots, indices)
   words = [synthetic.VOCAB[t] for t in synthetic.ANSWER_IDS]
-  return [dict(index=int(i), id=int(i), prediction=words[int(np.argmax(credit[row]))],
-               answer=words[b["answer"][row]], rule=synthetic.RULES[b["rule"][row]],
-               credit=float(credit[row, b["answer"][row]]))
+  return [dict(index=int(i), id=int(i), prediction=words[r["predicted"][row]],
+               answer=words[r["answer"][row]], rule=synthetic.RULES[r["rule"][row]],
+               credit=float(r["credit"][row]))
           for row, i in enumerate(indices)]
 
 

@@ -7,6 +7,7 @@ Episode i at k shots under seed s is `synthetic.episode(task, base_seed + s, EVA
 shots=k)`, base_seed being the workdir's `config.seed`: seed 0 gives the episodes
 train.py scored. The prompt is the episode up to the query's `<image>`; the 8 answer
 words are ranked by log-likelihood through `flamingo_jax.score`; ties share the credit.
+train.py's held-out evaluation is `accuracy` below: one implementation for both.
 """
 import numpy as np
 
@@ -57,3 +58,47 @@ def episodes(task: synthetic.TaskConfig, seed: int, shots: int, indices) -> dict
 
 def candidates() -> np.ndarray:
   return np.array(synthetic.ANSWER_IDS, np.int32)[:, None]  # [8, 1]: one token each
+
+
+def model_scores(model, params, rows: int):
+  """`scores(batch) -> [B, 8]` log-likelihoods of the answer words through
+  `flamingo_jax.score`, every call padded to `rows` rows (one compiled shape)."""
+  from flamingo_jax.decoding import score
+
+  def scores(b: dict) -> np.ndarray:
+    n = b["input_ids"].shape[0]
+    inputs = {k: b[k] for k in ("images", "input_ids", "attention_mask")}
+    inputs["media_mask"] = np.ones(b["images"].shape[:2], bool)
+    inputs = {k: np.concatenate([v, np.repeat(v[-1:], rows - n, axis=0)]) for k, v in inputs.items()}
+    return np.asarray(score(model, params, **inputs, candidates=candidates())["sum"], np.float64)[:n]
+  return scores
+
+
+def score_episodes(scores, task: synthetic.TaskConfig, seed: int, shots: int, indices) -> dict:
+  """Per episode: `credit` (tie-shared credit of the right answer), `predicted` and
+  `answer` (positions in ANSWER_IDS), `rule`, `right_kind` (credit on answers naming the
+  rule's attribute: ≈ 1/2 when the rule is unknown)."""
+  b = episodes(task, seed, shots, indices)
+  credit = synthetic.tie_credit(scores(b))  # [B, 8]
+  rows = np.arange(len(indices))
+  is_colour = np.isin(synthetic.ANSWER_IDS, synthetic.COLOUR_IDS)
+  rule_is_colour = np.array(synthetic.RULES)[b["rule"]] == "colour"
+  right_kind = (credit * (is_colour[None, :] == rule_is_colour[:, None])).sum(axis=1)
+  return dict(credit=credit[rows, b["answer"]], predicted=np.argmax(credit, axis=1),
+              answer=b["answer"], rule=b["rule"], right_kind=right_kind)
+
+
+def accuracy(scores, task: synthetic.TaskConfig, seed: int, shots: int, num_episodes: int,
+             batch_size: int = 64) -> dict:
+  """Held-out accuracy over episodes 0..num_episodes-1 (chance: 1/8), the attribute
+  accuracy, and the accuracy per rule."""
+  parts = [score_episodes(scores, task, seed, shots, range(i, min(i + batch_size, num_episodes)))
+           for i in range(0, num_episodes, batch_size)]
+  r = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  out = dict(shots=shots, num_episodes=num_episodes, accuracy=float(r["credit"].mean()),
+             chance=1.0 / len(synthetic.ANSWER_IDS),
+             attribute_accuracy=float(r["right_kind"].mean()))
+  for k, name in enumerate(synthetic.RULES):
+    picked = r["rule"] == k
+    out[f"accuracy_{name}"] = float(r["credit"][picked].mean()) if picked.any() else float("nan")
+  return out
