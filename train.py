@@ -40,7 +40,8 @@ def init_params(model, config, model_config, mesh, rules, example_batch):
   """All parameters, sharded: random from `seed`, or a converted checkpoint (`init`).
   Returns (params, their abstract tree with logical axis names, a description)."""
   images, ids = example_batch.get("images"), example_batch["input_ids"]
-  init = lambda rng: model.init(rng, images, ids)
+  # An explicit media index: init needs no `<image>` id (the paper configs have none).
+  init = lambda rng: model.init(rng, images, ids, media_index=jnp.zeros(ids.shape, jnp.int32))
   abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))["params"]
   shardings = nn.unbox(sharding.param_shardings(abstract, mesh, rules))
   if config.init:

@@ -222,7 +222,8 @@ def _init_fn(config: FlamingoConfig):
   size = config.vision.image_size
   images_ = jnp.zeros((1, 1, 1, size, size, 3), jnp.float32)
   ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.jit(lambda rng: nn.unbox(Flamingo(config).init(rng, images_, ids))["params"])
+  return jax.jit(lambda rng: nn.unbox(Flamingo(config).init(
+      rng, images_, ids, media_index=jnp.zeros(ids.shape, jnp.int32)))["params"])
 
 
 def _restore_trainable(state_dir: str, model, patterns) -> dict:

@@ -276,3 +276,27 @@ def test_prepared_dataset_skip_counts_are_logged_and_survive_resume(tmp_path, to
     last = [json.loads(line) for line in f][-1]
   assert last["step"] == 6
   assert last["skipped_records/pairs/image_decode"] == want[loader.SKIP_REASONS.index("image_decode")]
+
+
+def test_init_needs_no_media_token_id():
+  """The paper configs have no `<image>` id: init passes its own media index, and the
+  values do not depend on it (the same params as with the tiny config's id)."""
+  import flax.linen as nn
+
+  from flamingo_jax import sharding
+  from flamingo_jax.model import Flamingo
+
+  def init(media_token_id):
+    config = tiny_config()
+    config.model.media_token_id = media_token_id
+    model = Flamingo(train_lib.check(config))
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = sharding.rules(config.sharding_rules)
+    example = sources.build("synthetic", config.data.synthetic, seed=config.seed).batch_at(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return flat(train_lib.init_params(model, config, model.config, mesh, rules, example)[0])
+
+  with_id, without = init(load_config("tiny").model.media_token_id), init(-1)
+  assert with_id.keys() == without.keys()
+  for k in with_id:
+    np.testing.assert_array_equal(with_id[k], without[k], err_msg=k)
