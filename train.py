@@ -140,6 +140,8 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # ---- train state (the optimizer sees the trainable subtree only)
   opt = optim.build(**dict(config.optimizer), total_steps=config.total_steps)
+  o = config.optimizer
+  schedule = optim.learning_rate(o.lr, o.warmup_steps, o.decay, config.total_steps)
   skip_counters = {n: len(loader.SKIP_REASONS) for n, b in example.items() if "skipped" in b}
   new_state = lambda t: step_lib.init_state(t, opt, jax.random.PRNGKey(config.seed + 1),
                                             skip_counters)
@@ -161,7 +163,8 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # ---- the update step: jit with explicit shardings, the state donated
   def compiled_step(names):
-    fn = step_lib.make_train_step(model, opt, {n: weights[n] for n in names}, config.microbatches)
+    fn = step_lib.make_train_step(model, opt, {n: weights[n] for n in names}, config.microbatches,
+                                  learning_rate=schedule)
     with_rules = lambda s, f, b: _with_rules(rules, fn, s, f, b)
     batch = sharding.batch_sharding(mesh)
     in_shardings = (state_shardings, frozen_shardings,
@@ -205,7 +208,7 @@ def train(config, workdir: str, devices=None) -> dict:
         for n, counts_n in jax.device_get(state["skipped_records"]).items():
           m.update({f"skipped_records/{n}/{r}": int(c)
                     for r, c in zip(loader.SKIP_REASONS, counts_n) if c})
-        m.update(lr=float(opt_lr(config, done)), step_time=step_time,
+        m.update(lr=last["lr"], step_time=step_time,
                  examples_per_sec=examples_per_step[group] / step_time,
                  tokens_per_sec=tokens / elapsed * processes,
                  mfu=step_flops[group] / step_time / (mesh.size * peak))
@@ -241,11 +244,6 @@ def train(config, workdir: str, devices=None) -> dict:
       result["eval"] = evaluate(config, model, params, workdir, write=process == 0)
   result["state"], result["frozen"] = state, frozen
   return result
-
-
-def opt_lr(config, step: int) -> float:
-  o = config.optimizer
-  return optim.learning_rate(o.lr, o.warmup_steps, o.decay, config.total_steps)(step)
 
 
 def _with_rules(rules, fn, *args):

@@ -177,6 +177,10 @@ def test_nan_batch_is_skipped_and_counted(tmp_path, monkeypatch):
   metrics = [json.loads(l) for l in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
   assert [m["skipped"] for m in metrics] == [0, 0, 1, 0, 0, 0]
   assert metrics[-1]["nonfinite_total"] == 1
+  # The logged rate is the one each update applied: warm-up 1e-3 * n / 5 at optax's count
+  # n (updates applied so far), which the skipped update does not advance.
+  np.testing.assert_allclose([m["lr"] for m in metrics],
+                             [1e-3 * n / 5 for n in (0, 1, 2, 2, 3, 4)], rtol=1e-6)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(result["state"]["params"]))
   assert np.isfinite(metrics[-1]["loss"])
 

@@ -52,11 +52,13 @@ def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict:
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation,
-                    weights: Mapping[str, float], microbatches: int = 1):
+                    weights: Mapping[str, float], microbatches: int = 1, learning_rate=None):
   """`step(state, frozen, batches) -> (state, metrics)`; `batches` maps dataset name → batch.
 
   Every dataset in `batches` contributes `weight * mean token loss` to one update (the
   paper's accumulation over all datasets); pass a single dataset for round-robin.
+  `learning_rate` (the optimizer's schedule) adds metric `lr`: the rate this update
+  applies, at optax's count = the updates applied so far (skipped ones do not count).
   """
 
   def loss_fn(trainable, frozen, batch, count, rng):
@@ -112,6 +114,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
     )
     metrics.update(loss=total_loss, grad_norm=grad_norm, skipped=skipped,
                    nonfinite_total=new_state["nonfinite_total"])
+    if learning_rate is not None:
+      metrics["lr"] = learning_rate(state["step"] - state["nonfinite_total"])
     return new_state, metrics
 
   return step
