@@ -23,7 +23,7 @@ from flamingo_jax.lm import token_rows
 from flamingo_jax.model import Flamingo
 from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, optimizer as optim
 from flamingo_jax.train import partition, step as step_lib
-from flamingo_jax.train.config import check, check_against_mesh
+from flamingo_jax.train.config import check, check_against_init, check_against_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
@@ -46,7 +46,8 @@ def init_params(model, config, model_config, mesh, rules, example_batch):
   shardings = nn.unbox(sharding.param_shardings(abstract, mesh, rules))
   if config.init:
     from flamingo_jax.convert.openflamingo import load_converted
-    _, params, _ = load_converted(config.init)
+    init_model, params, _ = load_converted(config.init)
+    check_against_init(model_config, init_model.config, config.init)
     params = token_rows.with_rows(params, model_config)
     return jax.device_put(params, shardings), abstract, os.path.abspath(config.init)
   params = jax.jit(lambda rng: nn.unbox(init(rng))["params"], out_shardings=shardings)(

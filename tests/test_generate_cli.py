@@ -389,3 +389,20 @@ def test_workdir_merges_its_checkpoint_with_the_frozen_init(converted, workdir):
                          flat(init_trainable)["resampler/latents"])  # it did train
   assert tokenizer.get_vocab() == converted.tokenizer.get_vocab()  # the init's
   assert preprocessing == ImagePreprocessing(mode="clip", size=32)  # the data config's
+
+
+def test_init_from_another_model_is_refused(converted, pairs_data):
+  """config.init's converted model must be the one config.model describes."""
+  from flamingo_jax.config import ConfigError
+  config = train_config(converted, pairs_data, init=converted.dir)
+  config.model.xattn.activation = "relu" if config.model.xattn.activation != "relu" else "gelu"
+  config.model.dtype = "bfloat16"  # a run-time choice: allowed
+  model = Flamingo(train_lib.check(config))
+  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
+  rules = sharding.rules(config.sharding_rules)
+  example = {"images": np.zeros((1, 1, 1, 32, 32, 3), np.float32),
+             "input_ids": np.zeros((1, 4), np.int32)}
+  with pytest.raises(ConfigError, match=r"init: .* holds another model \(xattn.activation: "
+                                        r"'\w+' there, 'relu|gelu' here\)"):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      train_lib.init_params(model, config, model.config, mesh, rules, example)

@@ -87,3 +87,21 @@ def check_against_mesh(config, mesh) -> None:
           f"data.{name}.batch_size: {d.batch_size} does not split over the {shards} batch "
           f"shards of the mesh (slice × data × fsdp = {dict(mesh.shape)}); use a multiple of "
           f"{shards} or change config.mesh")
+
+
+# Run-time choices a training config may set differently from the weights it starts from.
+_RUN_TIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "trainable_token_ids",
+                    "lm.max_seq_len")
+
+
+def check_against_init(model_config: FlamingoConfig, init_config: FlamingoConfig, init: str):
+  """`config.init`'s converted model must be the model the config describes: a different
+  placement, activation or token id would load silently whenever the shapes agree."""
+  import flax.traverse_util as tu
+  ours = tu.flatten_dict(model_config.to_dict(), sep=".")
+  theirs = tu.flatten_dict(init_config.to_dict(), sep=".")
+  diff = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted({**ours, **theirs})
+          if k not in _RUN_TIME_FIELDS and ours.get(k) != theirs.get(k)]
+  if diff:
+    raise ConfigError(f"init: {init} holds another model ({'; '.join(diff)}); set config.model "
+                      f"to the model of its config.json")
