@@ -44,10 +44,13 @@ def init_state(params, optimizer: optax.GradientTransformation, rng,
 
 
 def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict:
+  """[B, ...] → [n, B / n, ...], micro-batch j = rows j, j + n, j + 2n, ...: each device's
+  contiguous share of the batch splits in place. (Micro-batch j = rows j·B/n ... would put
+  each on a few devices: an all-gather of the whole batch.)"""
   def split(x):
     if x.shape[0] % n:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by microbatches={n}")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
   return {k: split(v) for k, v in batch.items()}
 
 
