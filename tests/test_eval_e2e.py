@@ -56,8 +56,11 @@ def data(tmp_path_factory):
   return root, expected
 
 
-def run_eval(model_dir, data_dir, output, *extra, tasks=TASKS):
-  return eval_cli.main(["--model", model_dir, "--tasks", ",".join(tasks), "--shots", "0,2",
+ZERO_SHOT = ("coco", "imagenet")  # zero-shot cells for one generation and one ranking task
+
+
+def run_eval(model_dir, data_dir, output, *extra, tasks=TASKS, shots="2"):
+  return eval_cli.main(["--model", model_dir, "--tasks", ",".join(tasks), "--shots", shots,
                         "--seeds", "1", "--data-dir", data_dir, "--output", output,
                         "--batch-size", "2", "--positions", "hf", *extra])
 
@@ -71,6 +74,7 @@ def read_jsonl(path):
 def evaluated(model_dir, data, tmp_path_factory):
   output = str(tmp_path_factory.mktemp("eval"))
   assert run_eval(model_dir, data[0], output) == 0
+  assert run_eval(model_dir, data[0], output, tasks=ZERO_SHOT, shots="0") == 0  # a resume too
   with open(os.path.join(output, "results.json")) as f:
     return output, json.load(f)
 
@@ -81,7 +85,8 @@ def test_every_task_scored_by_its_metric(evaluated, data):
   assert set(results["tasks"]) == set(TASKS)
   for name in TASKS:
     task = results["tasks"][name]
-    for shots in ("0", "2"):
+    assert set(task["cells"]) == ({"0", "2"} if name in ZERO_SHOT else {"2"})
+    for shots in task["cells"]:
       cell = task["cells"][shots]["0"]
       records = read_jsonl(os.path.join(output, cell["predictions"]))
       assert cell["num_examples"] == len(records) == task["num_test"] > 0
@@ -164,12 +169,12 @@ def test_rerun_resumes_finished_cells(evaluated, model_dir, data, monkeypatch):
   calls = []
   predict = runner.predict
   monkeypatch.setattr(runner, "predict", lambda ctx, task, *a: calls.append(task.name) or predict(ctx, task, *a))
-  rerun = ("coco", "imagenet")
-  assert run_eval(model_dir, data[0], output, "--seeds", "2", tasks=rerun) == 0
+  rerun = ZERO_SHOT
+  assert run_eval(model_dir, data[0], output, "--seeds", "2", tasks=rerun, shots="0,2") == 0
   after = json.load(open(os.path.join(output, "results.json")))
   assert after["tasks"].keys() == before["tasks"].keys()
   for name in TASKS:
-    for shots in ("0", "2"):
+    for shots in before["tasks"][name]["cells"]:
       assert after["tasks"][name]["cells"][shots]["0"] == before["tasks"][name]["cells"][shots]["0"]
       assert ("1" in after["tasks"][name]["cells"][shots]) == (name in rerun)
   # The seed-1 cells only: ceil(num_test / batch size 2) calls per shot count.
