@@ -4,11 +4,12 @@ Every frame is one solid colour encoding a code 0..511 in three base-8 digits, 3
 per channel (lossy codecs move a solid colour by a few levels, far below 16), so a test
 reads back which frame of which video it got: code = 64 * video + frame index.
 """
-import json
 import os
 
 import av
 import numpy as np
+
+from eval_fixtures import write_json
 
 SIZE = 32  # even: h264 / yuv420p need even sides
 FPS = 4
@@ -79,13 +80,6 @@ def write_audio_only(path: str) -> str:
   return path
 
 
-def _write_json(path: str, value) -> str:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(value, f)
-  return path
-
-
 # MSVD-QA: video_id N is the clip on the `vid<N>` line of youtube_mapping.txt. The lines are
 # not in N order and vid4 has no clip and no question, as a reader must not care.
 MSVD_CLIPS = {1: "-4wsuPCjDBc_5_15", 3: "zv2RIbUsnSw_335_341", 2: "_0nX-El-ySo_83_93"}
@@ -105,9 +99,9 @@ FRAMES_PER_CLIP = 12
 def make_msvd_qa(data_dir: str) -> str:
   """data_dir/msvd_qa/ as the MSVD-QA release + MSVD YouTubeClips; video N has colour set N."""
   root = os.path.join(data_dir, "msvd_qa")
-  _write_json(os.path.join(root, "train_qa.json"), MSVD_TRAIN)
-  _write_json(os.path.join(root, "val_qa.json"), MSVD_TRAIN[:1])
-  _write_json(os.path.join(root, "test_qa.json"), MSVD_TEST)
+  write_json(os.path.join(root, "train_qa.json"), MSVD_TRAIN)
+  write_json(os.path.join(root, "val_qa.json"), MSVD_TRAIN[:1])
+  write_json(os.path.join(root, "test_qa.json"), MSVD_TEST)
   with open(os.path.join(root, "youtube_mapping.txt"), "w") as f:
     for n, clip in MSVD_CLIPS.items():
       f.write(f"{clip} vid{n}\n")
@@ -133,9 +127,9 @@ def make_msrvtt_qa(data_dir: str, layout: str = "release") -> str:
   """data_dir/msrvtt_qa/: 'release' puts the videos in TrainValVideo/ and TestVideo/ (the
   MSR-VTT archives), 'all' in videos/all/, 'flat' in video/."""
   root = os.path.join(data_dir, "msrvtt_qa")
-  _write_json(os.path.join(root, "train_qa.json"), MSRVTT_TRAIN)
-  _write_json(os.path.join(root, "val_qa.json"), MSRVTT_TRAIN[1:])
-  _write_json(os.path.join(root, "test_qa.json"), MSRVTT_TEST)
+  write_json(os.path.join(root, "train_qa.json"), MSRVTT_TRAIN)
+  write_json(os.path.join(root, "val_qa.json"), MSRVTT_TRAIN[1:])
+  write_json(os.path.join(root, "test_qa.json"), MSRVTT_TEST)
   for n, colours in MSRVTT_VIDEOS.items():
     folder = {"release": "TrainValVideo" if n < 7010 else "TestVideo",
               "all": os.path.join("videos", "all"), "flat": "video"}[layout]
@@ -157,8 +151,8 @@ def make_vatex(data_dir: str, missing=()) -> str:
   """data_dir/vatex/; clips whose videoID is in `missing` get no file (gone from YouTube).
   Training clip i has colour set i + 1, validation clip i colour set i + 4."""
   root = os.path.join(data_dir, "vatex")
-  _write_json(os.path.join(root, "vatex_training_v1.0.json"), VATEX_TRAIN)
-  _write_json(os.path.join(root, "vatex_validation_v1.0.json"), VATEX_TEST)
+  write_json(os.path.join(root, "vatex_training_v1.0.json"), VATEX_TRAIN)
+  write_json(os.path.join(root, "vatex_validation_v1.0.json"), VATEX_TEST)
   os.makedirs(os.path.join(root, "videos"), exist_ok=True)
   for offset, clips in ((1, VATEX_TRAIN), (4, VATEX_TEST)):
     for i, clip in enumerate(clips):
