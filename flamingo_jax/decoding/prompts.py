@@ -75,6 +75,14 @@ def load_images(paths: list[str], preprocessing, num_media_per_prompt: list[int]
   return out, mask
 
 
+def pad_rows(batch: dict, rows: int) -> dict:
+  """Every array of `batch` padded to `rows` rows by repeating its last row, so a short
+  final batch runs the program already compiled for full ones (drop the extra outputs)."""
+  n = next(iter(batch.values())).shape[0]
+  return {k: np.concatenate([v, np.repeat(v[-1:], rows - n, axis=0)]) if rows > n else v
+          for k, v in batch.items()}
+
+
 def continuations(tokenizer, new_tokens, stop_id: int) -> list[str]:
   """Each row's text up to (not including) its first stop token, special tokens dropped."""
   out = []

@@ -34,13 +34,11 @@ def _features_fn(model):
 
 def features(model, params, examples, preprocess, batch_size: int) -> np.ndarray:
   """[len(examples), D] float32 unit vectors."""
+  from flamingo_jax.decoding.prompts import pad_rows
   fn, out = _features_fn(model), []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    pixels = np.stack([e.media.load(preprocess) for e in chunk])
-    pad = batch_size - len(chunk)  # one compiled shape
-    if pad:
-      pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
+    pixels = pad_rows({"x": np.stack([e.media.load(preprocess) for e in chunk])}, batch_size)["x"]
     out.append(np.asarray(fn(params, pixels))[:len(chunk)])
   return np.concatenate(out)
 

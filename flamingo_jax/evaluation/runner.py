@@ -60,9 +60,18 @@ class Context:
   process_index: int = 0
   process_count: int = 1
 
+  _vision_fingerprint: str | None = None
+
   @property
   def stop_id(self) -> int:
     return self.model.config.eoc_token_id
+
+  def vision_fingerprint(self) -> str:
+    """The vision tower's checksum (the RICES cache key), computed once per run."""
+    if self._vision_fingerprint is None:
+      from flamingo_jax.train.checkpoint import fingerprint
+      self._vision_fingerprint = fingerprint(self.params["vision"])
+    return self._vision_fingerprint
 
 
 class EvaluationError(ValueError):
@@ -226,10 +235,8 @@ def prepare(ctx: Context, task: Task, data: TaskData, num_samples: int) -> dict:
   out["query_set"] = query
   if ctx.protocol.demonstrations == "rices":
     from flamingo_jax.evaluation import rices
-    from flamingo_jax.train.checkpoint import fingerprint
-    vision = ctx.params["vision"]
     kw = dict(cache_dir=os.path.join(ctx.output, "rices_cache"), task=task.name,
-              vision_fingerprint=fingerprint(vision))
+              vision_fingerprint=ctx.vision_fingerprint())
     q = rices.cached_features(ctx.model, ctx.params, [data.train[i] for i in query],
                               ctx.preprocess, ctx.batch_size, **kw)
     t = rices.cached_features(ctx.model, ctx.params, [data.test[i] for i in out["test_indices"]],
@@ -299,21 +306,14 @@ def _pad_left(ids, mask, length):
   return (np.pad(ids, ((0, 0), (pad, 0))), np.pad(mask, ((0, 0), (pad, 0))))
 
 
-def _pad_rows(batch: dict, rows: int) -> dict:
-  """The batch padded to `rows` rows by repeating its last (one compiled shape)."""
-  n = next(iter(batch.values())).shape[0]
-  return {k: np.concatenate([v, np.repeat(v[-1:], rows - n, axis=0)]) if rows > n else v
-          for k, v in batch.items()}
-
-
 def _predict_generations(ctx, task, data, prepared, shots, seed, indices):
   from flamingo_jax.decoding import generate
-  from flamingo_jax.decoding.prompts import continuations
+  from flamingo_jax.decoding.prompts import continuations, pad_rows
   from flamingo_jax.evaluation import postprocess
   orders = [(i, demonstration_positions(ctx, prepared, shots, seed, i)) for i in indices]
   texts, batch = _prompt_batch(ctx, task, data, prepared, shots, orders)
   p = ctx.protocol
-  new = generate(ctx.model, ctx.params, **_pad_rows(batch, ctx.batch_size),
+  new = generate(ctx.model, ctx.params, **pad_rows(batch, ctx.batch_size),
                  max_new_tokens=task.max_new_tokens, num_beams=p.num_beams,
                  length_penalty=p.length_penalty, count_padding=p.count_padding,
                  pad_token_id=ctx.stop_id)
@@ -327,6 +327,7 @@ def _predict_generations(ctx, task, data, prepared, shots, seed, indices):
 
 def _predict_classes(ctx, task, data, prepared, shots, seed, indices):
   from flamingo_jax.decoding import score
+  from flamingo_jax.decoding.prompts import pad_rows
   p = ctx.protocol
   drawn = [demonstration_positions(ctx, prepared, shots, seed, i) for i in indices]
   count = demos_lib.MAX_PERMUTATIONS if p.prompt_ensembling else 1
@@ -337,7 +338,7 @@ def _predict_classes(ctx, task, data, prepared, shots, seed, indices):
     texts, batch = _prompt_batch(ctx, task, data, prepared, shots,
                                  [(i, o[min(k, len(o) - 1)]) for i, o in zip(indices, orders)])
     first_texts = first_texts or texts
-    s = score(ctx.model, ctx.params, **_pad_rows(batch, ctx.batch_size),
+    s = score(ctx.model, ctx.params, **pad_rows(batch, ctx.batch_size),
               candidates=prepared["candidates"], candidate_mask=prepared["candidate_mask"],
               count_padding=p.count_padding)["mean"]
     total = total + np.asarray(s, np.float64)[:len(indices)]

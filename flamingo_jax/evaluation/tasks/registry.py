@@ -62,4 +62,4 @@ register(
 # demo's synthetic episodes (no files: a synthetic workdir's config makes them).
 from flamingo_jax.evaluation.tasks import synthetic, video  # noqa: E402
 
-register(*video.tasks().values(), synthetic.TASK)
+register(video.MSVD_QA, video.MSRVTT_QA, video.VATEX, synthetic.TASK)

@@ -64,13 +64,14 @@ def model_scores(model, params, rows: int):
   """`scores(batch) -> [B, 8]` log-likelihoods of the answer words through
   `flamingo_jax.score`, every call padded to `rows` rows (one compiled shape)."""
   from flamingo_jax.decoding import score
+  from flamingo_jax.decoding.prompts import pad_rows
 
   def scores(b: dict) -> np.ndarray:
     n = b["input_ids"].shape[0]
     inputs = {k: b[k] for k in ("images", "input_ids", "attention_mask")}
     inputs["media_mask"] = np.ones(b["images"].shape[:2], bool)
-    inputs = {k: np.concatenate([v, np.repeat(v[-1:], rows - n, axis=0)]) for k, v in inputs.items()}
-    return np.asarray(score(model, params, **inputs, candidates=candidates())["sum"], np.float64)[:n]
+    sums = score(model, params, **pad_rows(inputs, rows), candidates=candidates())["sum"]
+    return np.asarray(sums, np.float64)[:n]
   return scores
 
 
