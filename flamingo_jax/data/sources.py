@@ -8,6 +8,8 @@ count).
 
 Sources:
   synthetic  the on-the-fly few-shot task of synthetic.py (`task`: its TaskConfig fields).
+  random     random batches of any shape (random_batches.py): `seq_len`, `max_images`,
+             `num_frames`, `image_size` (0: the model's); for smoke runs and benchmarks.
   prepared   a dataset written by `python -m flamingo_jax.data.prepare` (prepared.py):
              `path` (the output dir or the dataset dir), optional `kind` (checked against
              the dataset), `tokenizer` (default: the one recorded at preparation).
@@ -18,13 +20,19 @@ prepared and tfds also take `seed`, `max_attempts` and the processing options of
 prepared.PROCESSING_DEFAULTS (image_size, image_mode, augment, seq_len, rules, max_images,
 p_next, single_image_drop_p, prepend_space_p, add_eos, num_frames); their batches carry
 `skipped`, the records passed over by reason (loader.SKIP_REASONS).
+
+`batch_shapes` gives a dataset's global batch shapes from its config alone (for
+prepared data: with `kind` set), so a step compiles without reading a record.
 """
+import numpy as np
+
 from flamingo_jax.config import ConfigError
-from flamingo_jax.data import synthetic
+from flamingo_jax.data import random_batches, synthetic
 
 _COMMON = {"source", "batch_size", "weight", "num_threads", "num_workers"}
 _KEYS = {
     "synthetic": _COMMON | {"task", "seed"},
+    "random": _COMMON | {"seed"} | set(random_batches.DEFAULTS),
     "prepared": _COMMON | {"path", "kind", "tokenizer", "seed", "max_attempts"},
     "tfds": _COMMON | {"name", "split", "data_dir", "tokenizer", "image_key", "text_key",
                        "seed", "max_attempts"},
@@ -36,18 +44,28 @@ _REQUIRED = {
 }
 
 
-def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: int = 1):
-  from flamingo_jax.data import loader, prepared, tfds_source
+def _checked(name: str, cfg) -> dict:
+  from flamingo_jax.data import prepared
   cfg = dict(cfg)
   source = cfg.get("source")
   if source not in _KEYS:
     raise ConfigError(f"data.{name}.source: unknown source {source!r}; available: "
                       f"{sorted(_KEYS)}")
-  known = _KEYS[source] | (set(prepared.PROCESSING_DEFAULTS) if source != "synthetic" else set())
+  processing = set(prepared.PROCESSING_DEFAULTS) if source in ("prepared", "tfds") else set()
+  known = _KEYS[source] | processing
   unknown = set(cfg) - known
   if unknown:
     raise ConfigError(f"data.{name}: unknown keys {sorted(unknown)} for source {source!r}; "
                       f"known: {sorted(known)}")
+  return cfg
+
+
+def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
+          model_config=None):
+  """`model_config` (a FlamingoConfig): the vocabulary and image size of `random` batches."""
+  from flamingo_jax.data import loader, prepared, tfds_source
+  cfg = _checked(name, cfg)
+  source = cfg["source"]
   for key, what in _REQUIRED.get(source, {}).items():
     if not cfg.get(key):
       raise ConfigError(f"data.{name}.{key}: not set; give {what}, e.g. "
@@ -61,6 +79,14 @@ def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: i
   if source == "synthetic":
     task = synthetic.TaskConfig(**dict(cfg.get("task", {})))
     return synthetic.batch_iterator(batch_size, task=task, **options)
+  if source == "random":
+    if model_config is None:
+      raise ValueError("the random source needs the model config (sources.build(model_config=...))")
+    try:
+      sizes = random_batches.check(name, cfg, model_config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    return random_batches.batch_iterator(batch_size, model_config, **sizes, **options)
   try:
     if source == "prepared":
       return prepared.build_iterator(str(cfg.pop("path")), batch_size, **cfg, **options)
@@ -68,3 +94,49 @@ def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: i
   except (prepared.PreparedDataError, tfds_source.TfdsSourceError,
           loader.NoReadableRecord) as e:
     raise ConfigError(f"data.{name}: {e}") from e
+
+
+# The batch layout of each prepared kind: (media slots, frames per medium), seq_len default.
+def _prepared_layout(kind: str, o: dict) -> tuple[int, int, int]:
+  from flamingo_jax.data import interleaved
+  if kind == "mmc4":
+    c = interleaved.InterleavedConfig(seq_len=o["seq_len"] or 256, max_images=o["max_images"],
+                                      rules=o["rules"])
+    return c.max_images, 1, c.seq_len
+  if kind == "video":
+    return 1, int(o["num_frames"]), o["seq_len"] or 32
+  return 1, 1, o["seq_len"] or 32  # pairs, webdataset, tfds
+
+
+_PREPARED_KINDS = ("mmc4", "pairs", "webdataset", "video")
+
+
+def batch_shapes(name: str, cfg, model_config) -> dict:
+  """Key → (shape, dtype) of dataset `name`'s global batch, from its config alone."""
+  from flamingo_jax.data import loader, prepared
+  cfg = _checked(name, cfg)
+  source, batch = cfg["source"], int(cfg["batch_size"])
+  if source == "synthetic":  # one episode: its shapes follow from the task alone
+    task = synthetic.TaskConfig(**dict(cfg.get("task", {})))
+    one = synthetic.batch_iterator(1, task=task).example_at(0)
+    return {k: ((batch,) + v.shape, v.dtype) for k, v in one.items()}
+  if source == "random":
+    try:
+      sizes = random_batches.check(name, cfg, model_config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    return {k: ((batch,) + s, d) for k, (s, d) in random_batches.shapes(model_config, **sizes).items()}
+  kind = cfg.get("kind") or ("tfds" if source == "tfds" else "")
+  if kind not in _PREPARED_KINDS + ("tfds",):
+    raise ConfigError(f"data.{name}.kind: {kind!r}; the batch shapes of a prepared dataset "
+                      f"follow from its kind: set one of {list(_PREPARED_KINDS)} (or use "
+                      "source='random' with the same shapes)")
+  o = {k: cfg.get(k, v) for k, v in prepared.PROCESSING_DEFAULTS.items()}
+  slots, frames, seq = _prepared_layout(kind, o)
+  size = int(o["image_size"])
+  text = lambda dtype: ((batch, seq), dtype)
+  return dict(images=((batch, slots, frames, size, size, 3), np.float32),
+              media_mask=((batch, slots), np.bool_), input_ids=text(np.int32),
+              attention_mask=text(np.int32), media_index=text(np.int32),
+              targets=text(np.int32), loss_mask=text(np.float32),
+              skipped=((batch, len(loader.SKIP_REASONS)), np.int32))
