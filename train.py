@@ -3,7 +3,9 @@
   python train.py --config configs/demo.py --workdir /tmp/demo [--config.FIELD=VALUE ...]
 
 Re-running the same command on the same workdir resumes from its latest checkpoint.
-Sections: config → mesh → model and parameters → data → train state → step → loop.
+Sections: config → mesh → data → program (model, shardings and jitted steps, built by
+flamingo_jax/train/program.py exactly as train_compile.py builds them) → parameters →
+train state → loop.
 """
 import json
 import os
@@ -11,18 +13,15 @@ import signal
 import time
 
 from absl import app, flags, logging
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
 from flamingo_jax import sharding
 from flamingo_jax.data import loader, sources
 from flamingo_jax.lm import token_rows
-from flamingo_jax.model import Flamingo
-from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, optimizer as optim
-from flamingo_jax.train import partition, step as step_lib
+from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, partition
+from flamingo_jax.train import program as program_lib
 from flamingo_jax.train.config import check, check_against_init, check_against_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
@@ -36,23 +35,16 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def init_params(model, config, model_config, mesh, rules, example_batch):
-  """All parameters, sharded: random from `seed`, or a converted checkpoint (`init`).
-  Returns (params, their abstract tree with logical axis names, a description)."""
-  images, ids = example_batch.get("images"), example_batch["input_ids"]
-  # An explicit media index: init needs no `<image>` id (the paper configs have none).
-  init = lambda rng: model.init(rng, images, ids, media_index=jnp.zeros(ids.shape, jnp.int32))
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))["params"]
-  shardings = nn.unbox(sharding.param_shardings(abstract, mesh, rules))
+def init_params(program, config) -> tuple[dict, dict, str]:
+  """(trainable, frozen, a description), in their shardings: random from `seed`, or a
+  converted checkpoint (`init`)."""
   if config.init:
     from flamingo_jax.convert.openflamingo import load_converted
     init_model, params, _ = load_converted(config.init)
-    check_against_init(model_config, init_model.config, config.init)
-    params = token_rows.with_rows(params, model_config)
-    return jax.device_put(params, shardings), abstract, os.path.abspath(config.init)
-  params = jax.jit(lambda rng: nn.unbox(init(rng))["params"], out_shardings=shardings)(
-      jax.random.PRNGKey(config.seed))
-  return params, abstract, f"random init (seed {config.seed})"
+    check_against_init(program.model_config, init_model.config, config.init)
+    params = token_rows.with_rows(params, program.model_config)
+    return (*program.place_params(params), os.path.abspath(config.init))
+  return (*program.init_params(config.seed), f"random init (seed {config.seed})")
 
 
 def global_batch(local: dict, mesh) -> dict:
@@ -113,44 +105,33 @@ def train(config, workdir: str, devices=None) -> dict:
 
   # ---- mesh
   mesh = sharding.make_mesh(dict(config.mesh), devices)
-  rules = sharding.rules(config.sharding_rules)
   check_against_mesh(config, mesh)
   logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
 
   # ---- data: one iterator per dataset; this process loads its share of each batch
   iterators = {name: sources.build(name, d, seed=config.seed, process_index=process,
-                                   process_count=processes)
+                                   process_count=processes, model_config=model_config)
                for name, d in config.data.items()}
-  weights = {name: float(d.get("weight", 1.0)) for name, d in config.data.items()}
   example = {name: it.batch_at(0) for name, it in iterators.items()}
+  shapes = {name: {k: ((s[0] * processes,) + s[1:], d)  # global batch shapes
+                   for k, (s, d) in program_lib.batch_shapes_of(b).items()}
+            for name, b in example.items()}
 
-  # ---- model and parameters: trainable (fp32) and frozen (bf16) subtrees
-  model = Flamingo(model_config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, abstract_params, frozen_source = init_params(
-        model, config, model_config, mesh, rules, next(iter(example.values())))
-  trainable, frozen = partition.split(params, tuple(config.trainable))
-  del params
-  trainable = partition.cast(trainable, jnp.float32)
-  frozen = partition.cast(frozen, jnp.dtype(config.frozen_dtype))
-  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  # ---- the program (shared with train_compile.py): model, shardings, jitted steps
+  program = program_lib.build(config, model_config, mesh, shapes)
+  model = program.model
+
+  # ---- parameters: trainable (fp32) and frozen (frozen_dtype) subtrees, in their shardings
+  trainable, frozen, frozen_source = init_params(program, config)
   frozen_fingerprint = checkpoint.fingerprint(frozen)
   logging.info("trainable %d, frozen %d parameters",
                sum(x.size for x in jax.tree.leaves(trainable)),
                sum(x.size for x in jax.tree.leaves(frozen)))
 
   # ---- train state (the optimizer sees the trainable subtree only)
-  opt = optim.build(**dict(config.optimizer), total_steps=config.total_steps)
-  o = config.optimizer
-  schedule = optim.learning_rate(o.lr, o.warmup_steps, o.decay, config.total_steps)
-  skip_counters = {n: len(loader.SKIP_REASONS) for n, b in example.items() if "skipped" in b}
-  new_state = lambda t: step_lib.init_state(t, opt, jax.random.PRNGKey(config.seed + 1),
-                                            skip_counters)
-  # Optimizer moments inherit their parameter's logical axis names: shard them alike.
-  abstract_trainable, _ = partition.split(abstract_params, tuple(config.trainable))
-  abstract_state = jax.eval_shape(new_state, abstract_trainable)
-  state_shardings = nn.unbox(sharding.param_shardings(abstract_state, mesh, rules))
-  state = jax.jit(new_state, out_shardings=state_shardings)(trainable)
+  state = program.init_state(trainable)
+  del trainable
+  state_shardings = program.state_shardings
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   manifest = dict(frozen_source=frozen_source, frozen_fingerprint=frozen_fingerprint,
                   config=config.to_json())
@@ -162,22 +143,9 @@ def train(config, workdir: str, devices=None) -> dict:
       it.set_state(data_state[name])
     logging.info("resumed from step %d", latest)
 
-  # ---- the update step: jit with explicit shardings, the state donated
-  def compiled_step(names):
-    fn = step_lib.make_train_step(model, opt, {n: weights[n] for n in names}, config.microbatches,
-                                  learning_rate=schedule)
-    with_rules = lambda s, f, b: _with_rules(rules, fn, s, f, b)
-    batch = sharding.batch_sharding(mesh)
-    in_shardings = (state_shardings, frozen_shardings,
-                    {n: jax.tree.map(lambda _: batch, example[n]) for n in names})
-    return jax.jit(with_rules, donate_argnums=(0,), in_shardings=in_shardings,
-                   out_shardings=(state_shardings, None))
-  groups = ([sorted(iterators)] if config.accumulation == "all" else [[n] for n in sorted(iterators)])
-  steps = {tuple(g): compiled_step(g) for g in groups}
-
+  groups, steps = program.groups, program.steps
   peak = config.peak_flops_per_device or flops.peak_flops_per_device()
-  step_flops = {tuple(g): flops.train_step_flops(model, {n: example[n] for n in g},
-                                                 tuple(config.trainable)) for g in groups}
+  step_flops = {g: program.step_flops(g) for g in groups}
   examples_per_step = {g: sum(config.data[n].batch_size for n in g) for g in step_flops}
 
   # ---- loop
@@ -188,7 +156,7 @@ def train(config, workdir: str, devices=None) -> dict:
   window_start, window_steps, tokens, window, counts = time.perf_counter(), 0, 0.0, None, {}
   try:
     for step in range(start_step, config.total_steps):
-      group = tuple(groups[step % len(groups)])
+      group = groups[step % len(groups)]
       local = {n: next(iterators[n]) for n in group}
       with jax.set_mesh(mesh):
         batches = {n: global_batch(b, mesh) for n, b in local.items()}
@@ -245,11 +213,6 @@ def train(config, workdir: str, devices=None) -> dict:
       result["eval"] = evaluate(config, model, params, workdir, write=process == 0)
   result["state"], result["frozen"] = state, frozen
   return result
-
-
-def _with_rules(rules, fn, *args):
-  with nn.logical_axis_rules(rules):
-    return fn(*args)
 
 
 def main(argv):

@@ -57,15 +57,28 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     raise ValueError(f"mesh {sizes} needs {int(np.prod(shape))} devices, there are "
                      f"{len(devices)}; change config.mesh so the product of its sizes is the "
                      "device count (or set one axis to -1)")
-  if sizes["slice"] > 1:
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_hybrid_device_mesh(
-        (1,) + shape[1:], (sizes["slice"], 1, 1, 1), devices=devices)
-  else:
-    grid = np.asarray(devices).reshape(shape)
+  grid = device_grid(shape, devices, slices=sizes["slice"])
   # Auto axes: logical constraints are sharding hints, not assertions (jax >= 0.7 defaults
   # make_mesh to Explicit axes).
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(shape: tuple[int, ...], devices, slices: int = 1) -> np.ndarray:
+  """`devices` arranged as `shape`. Devices with a physical topology (TPU chips, abstract
+  ones too) go through mesh_utils, which keeps each mesh axis on neighbouring chips (the
+  last, `tensor`, on the fastest links; split physical axes only when no exact fit
+  exists); with slices > 1 the first axis runs over the slices (DCN). Others (CPU) in
+  device order."""
+  from jax.experimental import mesh_utils
+  if slices > 1:
+    return mesh_utils.create_hybrid_device_mesh((1,) + shape[1:], (slices,) + (1,) * (len(shape) - 1),
+                                                devices=devices)
+  if getattr(devices[0], "coords", None) is None or devices[0].platform != "tpu":
+    return np.asarray(devices).reshape(shape)
+  try:
+    return mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

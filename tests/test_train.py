@@ -282,23 +282,24 @@ def test_prepared_dataset_skip_counts_are_logged_and_survive_resume(tmp_path, to
   assert last["skipped_records/pairs/image_decode"] == want[loader.SKIP_REASONS.index("image_decode")]
 
 
+def program_for(config):
+  """train.py's program for `config` on all devices, shapes from the config's data."""
+  from flamingo_jax import sharding
+  from flamingo_jax.train import program as program_lib
+  model_config = train_lib.check(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  shapes = {n: sources.batch_shapes(n, d, model_config) for n, d in config.data.items()}
+  return program_lib.build(config, model_config, mesh, shapes)
+
+
 def test_init_needs_no_media_token_id():
   """The paper configs have no `<image>` id: init passes its own media index, and the
   values do not depend on it (the same params as with the tiny config's id)."""
-  import flax.linen as nn
-
-  from flamingo_jax import sharding
-  from flamingo_jax.model import Flamingo
-
   def init(media_token_id):
     config = tiny_config()
     config.model.media_token_id = media_token_id
-    model = Flamingo(train_lib.check(config))
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.rules(config.sharding_rules)
-    example = sources.build("synthetic", config.data.synthetic, seed=config.seed).batch_at(0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return flat(train_lib.init_params(model, config, model.config, mesh, rules, example)[0])
+    trainable, frozen = program_for(config).init_params(config.seed)
+    return {**flat(trainable), **flat(frozen)}
 
   with_id, without = init(load_config("tiny").model.media_token_id), init(-1)
   assert with_id.keys() == without.keys()
@@ -306,26 +307,19 @@ def test_init_needs_no_media_token_id():
     np.testing.assert_array_equal(with_id[k], without[k], err_msg=k)
 
 
+def test_init_creates_frozen_weights_in_frozen_dtype():
+  """Random init returns the frozen subtree in frozen_dtype and the trainable one in
+  float32, from one jit whose outputs are already those dtypes."""
+  config = tiny_config()
+  trainable, frozen = program_for(config).init_params(config.seed)
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {np.dtype(jax.numpy.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(trainable)} == {np.dtype(np.float32)}
+
+
 def test_microbatches_stay_sharded():
   """Splitting a data-sharded batch into micro-batches moves no rows between devices: the
   compiled step has no all-gather (it had 21 when micro-batch j was rows j·B/n ...)."""
-  import flax.linen as nn
-
-  from flamingo_jax import sharding
-  from flamingo_jax.model import Flamingo
-  from flamingo_jax.train import optimizer as optim, partition, step as step_lib
   config = tiny_config(microbatches=2, **{"data.synthetic.batch_size": 16})  # 2 rows a device
-  model = Flamingo(train_lib.check(config))
-  mesh = sharding.make_mesh(dict(config.mesh))
-  rules = sharding.rules(config.sharding_rules)
-  example = sources.build("synthetic", config.data.synthetic, seed=0).batch_at(0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, _, _ = train_lib.init_params(model, config, model.config, mesh, rules, example)
-    trainable, frozen = partition.split(params, tuple(config.trainable))
-    opt = optim.build(**dict(config.optimizer), total_steps=10)
-    state = step_lib.init_state(trainable, opt, jax.random.PRNGKey(0))
-    step = step_lib.make_train_step(model, opt, {"synthetic": 1.0}, config.microbatches)
-    spec = sharding.batch_sharding(mesh)
-    batch = {"synthetic": jax.tree.map(lambda x: jax.device_put(x, spec), example)}
-    hlo = jax.jit(step).lower(state, frozen, batch).compile().as_text()
-  assert mesh.shape["data"] == 8 and "all-gather" not in hlo
+  program = program_for(config)
+  hlo = program.lower(program.groups[0]).compile().as_text()
+  assert program.mesh.shape["data"] == 8 and "all-gather" not in hlo

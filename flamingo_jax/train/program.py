@@ -1,0 +1,175 @@
+"""The training program: what train.py runs, built from the config, a mesh and the
+batches' shapes, without allocating a weight.
+
+train.py builds it over its devices and then fills it (`init_params` / `place_params`,
+`init_state`); train_compile.py builds the very same program over the abstract devices
+of a TPU topology and only lowers and compiles `steps` on `abstract_inputs`. One
+function, so what compiles there is what runs here.
+
+  model, model_config      Flamingo and its checked config
+  mesh, rules              the device mesh and the logical axis rules
+  abstract_params          every parameter's shape, with logical axis names (boxed)
+  trainable_shardings      NamedShardings of the trainable subtree (float32)
+  frozen_shardings         ... of the frozen rest (config.frozen_dtype)
+  optimizer, schedule      optax, and its learning-rate schedule
+  state_shardings          of the train state (step.py); optimizer moments inherit their
+                           parameter's logical names, so they are sharded alike
+  batch_shapes             dataset → key → ShapeDtypeStruct (global, batch-sharded)
+  groups, steps            the datasets of each update (all of them, or one each for
+                           round robin) → its jitted step(state, frozen, batches)
+"""
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax import sharding
+from flamingo_jax.config import FlamingoConfig
+from flamingo_jax.data import loader
+from flamingo_jax.model import Flamingo
+from flamingo_jax.train import flops, optimizer as optim, partition, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  config: Any
+  model_config: FlamingoConfig
+  model: Flamingo
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  abstract_params: Any
+  trainable_shardings: Any
+  frozen_shardings: Any
+  optimizer: Any
+  schedule: Callable
+  new_state: Callable
+  state_shardings: Any
+  abstract_state: Any
+  batch_shapes: Mapping[str, Mapping[str, jax.ShapeDtypeStruct]]
+  groups: tuple
+  steps: Mapping[tuple, Any]
+
+  @property
+  def frozen_dtype(self):
+    return jnp.dtype(self.config.frozen_dtype)
+
+  def abstract_frozen(self):
+    """The frozen subtree's ShapeDtypeStructs, in frozen_dtype, with their shardings."""
+    _, frozen = partition.split(nn.unbox(self.abstract_params), tuple(self.config.trainable))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, _cast(x.dtype, self.frozen_dtype),
+                                                          sharding=s),
+                        frozen, self.frozen_shardings)
+
+  def abstract_inputs(self, group) -> tuple:
+    """(state, frozen, batches) of `steps[group]`, as ShapeDtypeStructs with shardings."""
+    return (self.abstract_state, self.abstract_frozen(),
+            {n: dict(self.batch_shapes[n]) for n in group})
+
+  def lower(self, group):
+    """`steps[group]` lowered on `abstract_inputs(group)` (nothing materialised)."""
+    with jax.set_mesh(self.mesh):
+      return self.steps[group].lower(*self.abstract_inputs(group))
+
+  def init_params(self, seed: int) -> tuple[dict, dict]:
+    """(trainable float32, frozen in frozen_dtype), random from `seed`, created in their
+    shardings inside one jit (no full float32 tree on any device)."""
+    init = _init_fn(self.model)
+    patterns, dtype = tuple(self.config.trainable), self.frozen_dtype
+
+    def make(rng):
+      trainable, frozen = partition.split(nn.unbox(init(rng)), patterns)
+      return partition.cast(trainable, jnp.float32), partition.cast(frozen, dtype)
+    return jax.jit(make, out_shardings=(self.trainable_shardings, self.frozen_shardings))(
+        jax.random.PRNGKey(seed))
+
+  def place_params(self, params: dict) -> tuple[dict, dict]:
+    """A full parameter tree (e.g. converted weights on the host) → (trainable, frozen),
+    cast and put into their shardings."""
+    trainable, frozen = partition.split(params, tuple(self.config.trainable))
+    trainable = jax.device_put(partition.cast(trainable, jnp.float32), self.trainable_shardings)
+    frozen = jax.device_put(partition.cast(frozen, self.frozen_dtype), self.frozen_shardings)
+    return trainable, frozen
+
+  def init_state(self, trainable: dict) -> dict:
+    return jax.jit(self.new_state, out_shardings=self.state_shardings)(trainable)
+
+  def step_flops(self, group) -> float:
+    """Analytic FLOPs of one update of `group` (frozen-aware; flops.py)."""
+    return flops.train_step_flops(self.model, {n: self.batch_shapes[n] for n in group},
+                                  tuple(self.config.trainable))
+
+
+def _cast(dtype, to):
+  return to if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _init_fn(model: Flamingo):
+  """rng → boxed params. The parameters' shapes do not depend on the batch: init runs on
+  one tiny dummy example (and with an explicit media index, so no `<image>` id is needed)."""
+  size = model.config.vision.image_size
+  images = jnp.zeros((1, 1, 1, size, size, 3), jnp.float32)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return lambda rng: model.init(rng, images, ids, media_index=jnp.zeros_like(ids))["params"]
+
+
+def batch_shapes_of(batch: Mapping[str, Any]) -> dict:
+  """Key → (shape, dtype) of a (numpy) batch."""
+  return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in batch.items()}
+
+
+def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str, Mapping]) -> Program:
+  """`batch_shapes`: dataset → key → (global shape, dtype)."""
+  rules = sharding.rules(config.sharding_rules)
+  model = Flamingo(model_config)
+  abstract_params = jax.eval_shape(_init_fn(model), jax.random.PRNGKey(0))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    param_shardings = nn.unbox(sharding.param_shardings(abstract_params, mesh, rules))
+  trainable_shardings, frozen_shardings = partition.split(param_shardings, tuple(config.trainable))
+
+  # ---- train state (the optimizer sees the trainable subtree only)
+  o = config.optimizer
+  opt = optim.build(**dict(o), total_steps=config.total_steps)
+  schedule = optim.learning_rate(o.lr, o.warmup_steps, o.decay, config.total_steps)
+  skip_counters = {n: len(loader.SKIP_REASONS) for n, b in batch_shapes.items() if "skipped" in b}
+  seed = config.seed
+  new_state = lambda t: step_lib.init_state(t, opt, jax.random.PRNGKey(seed + 1), skip_counters)
+  abstract_trainable, _ = partition.split(abstract_params, tuple(config.trainable))
+  fp32 = lambda x: jax.ShapeDtypeStruct(x.shape, _cast(x.dtype, jnp.float32))
+  abstract_trainable = jax.tree.map(  # trainable leaves are float32 whatever param_dtype
+      lambda x: x.replace_boxed(fp32(x.value)) if isinstance(x, nn.Partitioned) else fp32(x),
+      abstract_trainable, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  boxed_state = jax.eval_shape(new_state, abstract_trainable)
+  state_shardings = nn.unbox(sharding.param_shardings(boxed_state, mesh, rules))
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                nn.unbox(boxed_state), state_shardings)
+
+  # ---- the update steps: jit with explicit shardings, the state donated
+  batch_sharding = sharding.batch_sharding(mesh)
+  shapes = {n: {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding) for k, (s, d) in b.items()}
+            for n, b in batch_shapes.items()}
+  weights = {name: float(d.get("weight", 1.0)) for name, d in config.data.items()}
+  names = sorted(batch_shapes)
+  groups = (names,) if config.accumulation == "all" else tuple([n] for n in names)
+  groups = tuple(tuple(g) for g in groups)
+
+  def jitted(group):
+    fn = step_lib.make_train_step(model, opt, {n: weights[n] for n in group},
+                                  config.microbatches, learning_rate=schedule)
+
+    def with_rules(state, frozen, batches):
+      with nn.logical_axis_rules(rules):
+        return fn(state, frozen, batches)
+    in_shardings = (state_shardings, frozen_shardings,
+                    {n: {k: batch_sharding for k in shapes[n]} for n in group})
+    return jax.jit(with_rules, donate_argnums=(0,), in_shardings=in_shardings,
+                   out_shardings=(state_shardings, None))
+
+  return Program(config=config, model_config=model_config, model=model, mesh=mesh, rules=rules,
+                 abstract_params=abstract_params, trainable_shardings=trainable_shardings,
+                 frozen_shardings=frozen_shardings, optimizer=opt, schedule=schedule,
+                 new_state=new_state, state_shardings=state_shardings,
+                 abstract_state=abstract_state, batch_shapes=shapes, groups=groups,
+                 steps={g: jitted(g) for g in groups})
