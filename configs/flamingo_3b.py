@@ -3,6 +3,10 @@ Chinchilla-shaped LM (24 layers, d 2048) with GATED XATTN-DENSE blocks from the 
 layer, every 1.
 
   python -m flamingo_jax.summary --config configs/flamingo_3b.py
+  python train.py --config configs/flamingo_3b.py --workdir DIR          # random batches of the paper's shapes
+  python train.py --config configs/flamingo_3b.py:prepared --workdir DIR \
+      --config.data.m3w.path=... --config.data.m3w.tokenizer=... (the same for align, ltip, vtp)
+  python train_compile.py --config configs/flamingo_3b.py --topology v4:4x4x4
 """
 from flamingo_jax import presets
 from flamingo_jax.train import config as train_config
@@ -17,5 +21,5 @@ def get_config(arg=None):
   config = train_config.defaults()
   config.model = presets.flamingo(d_model=2048, num_layers=24, num_heads=16,
                                   lm_mlp_dim=5888, every=1, xattn_ff_dim=8832)
-  config.data = presets.paper_data()
+  config.data = presets.paper_data(arg or "random")
   return config

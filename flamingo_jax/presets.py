@@ -55,11 +55,22 @@ def openflamingo_xattn(every: int) -> dict:
 
 # ---------------------------------------------------------------- frozen LMs
 
+# The paper's tokenizer: Chinchilla's 32,000-token SentencePiece vocabulary, then
+# `<|endofchunk|>` and `<image>` appended (ids 32000, 32001; their rows train). The table
+# is padded to 32,128 rows, a multiple of 128, so that it splits over 16-, 64- or 128-way
+# tensor parallelism (32,002 splits over none); the rows past 32,001 are never used.
+CHINCHILLA_VOCAB = 32000
+PAPER_EOC_TOKEN_ID = 32000  # `<|endofchunk|>`
+PAPER_MEDIA_TOKEN_ID = 32001  # `<image>`
+PAPER_VOCAB = 32128
+
+
 def chinchilla(d_model: int, num_layers: int, num_heads: int, mlp_dim: int) -> dict:
   """A Chinchilla-shaped LM on the LLaMA layer (RMSNorm, RoPE, gated FFW), 32k
-  SentencePiece vocabulary, untied head. `mlp_dim` is chosen per size to reproduce the
-  paper's LM parameter count (Chinchilla's own FFW differs from a plain 4·D)."""
-  return dict(family="llama", vocab_size=32000, d_model=d_model, num_layers=num_layers,
+  SentencePiece vocabulary plus Flamingo's two tokens (PAPER_VOCAB), untied head.
+  `mlp_dim` is chosen per size to reproduce the paper's LM parameter count (Chinchilla's
+  own FFW differs from a plain 4·D)."""
+  return dict(family="llama", vocab_size=PAPER_VOCAB, d_model=d_model, num_layers=num_layers,
               num_heads=num_heads, mlp_dim=mlp_dim, activation="silu", norm_eps=1e-6,
               tie_embeddings=False, max_seq_len=2048)
 
@@ -98,6 +109,9 @@ def flamingo(*, d_model: int, num_layers: int, num_heads: int, lm_mlp_dim: int, 
       resampler=paper_resampler(),
       lm=chinchilla(d_model=d_model, num_layers=num_layers, num_heads=num_heads, mlp_dim=lm_mlp_dim),
       xattn=paper_xattn(every=every, num_heads=num_heads, ff_dim=xattn_ff_dim),
+      media_token_id=PAPER_MEDIA_TOKEN_ID,
+      eoc_token_id=PAPER_EOC_TOKEN_ID,
+      trainable_token_ids=(PAPER_EOC_TOKEN_ID, PAPER_MEDIA_TOKEN_ID),
       dtype="bfloat16",
       remat_policy="full",
   )
@@ -120,18 +134,36 @@ def openflamingo(lm: dict, every: int) -> dict:
 
 # ---------------------------------------------------------------- training data
 
-def paper_data() -> dict:
-  """The paper's training mixture (§3, Table 6 ablation batch sizes), as datasets prepared
-  with `python -m flamingo_jax.data.prepare`. Set each `path` (and the LM's `tokenizer`)
-  on the command line, e.g. --config.data.m3w.path=/data/m3w."""
-  prepared = lambda **kw: dict(source="prepared", path="", tokenizer="", rules="paper",
-                               image_mode="paper", image_size=320, **kw)
-  return dict(
-      m3w=prepared(batch_size=256, weight=1.0, seq_len=256, max_images=5),
-      align=prepared(batch_size=512, weight=0.2, seq_len=32),
-      ltip=prepared(batch_size=512, weight=0.2, seq_len=64),
-      vtp=prepared(batch_size=64, weight=0.03, seq_len=32, num_frames=8),
-  )
+# The paper's mixture (§3; Table 6 ablation batch sizes): name → (batch, weight λ, shapes).
+PAPER_MIXTURE = dict(
+    m3w=(256, 1.0, dict(seq_len=256, max_images=5)),
+    align=(512, 0.2, dict(seq_len=32)),
+    ltip=(512, 0.2, dict(seq_len=64)),
+    vtp=(64, 0.03, dict(seq_len=32, num_frames=8)),
+)
+
+
+def paper_data(source: str = "random", batch_sizes: dict | None = None) -> dict:
+  """The paper's training mixture. source='random': random batches of its shapes (320 px
+  images, 256 tokens with up to 5 images for M3W, 8-frame clips for VTP): the config
+  starts anywhere, for smoke runs, benchmarks and train_compile.py. source='prepared':
+  the datasets prepared with `python -m flamingo_jax.data.prepare`; set each `path` (and
+  the LM's `tokenizer`) on the command line, e.g. --config.data.m3w.path=/data/m3w.
+  `batch_sizes`: name → batch, replacing the paper's 256 / 512 / 512 / 64."""
+  if source not in ("random", "prepared"):
+    raise ValueError(f"paper_data: source {source!r}; choose 'random' or 'prepared'")
+  out = {}
+  for name, (batch, weight, shapes) in PAPER_MIXTURE.items():
+    batch = (batch_sizes or {}).get(name, batch)
+    if source == "random":
+      out[name] = dict(source="random", batch_size=batch, weight=weight, image_size=320,
+                       **{"max_images": 1, "num_frames": 1, **shapes})
+    else:
+      kind = {"m3w": dict(kind="mmc4"), "vtp": dict(kind="video")}.get(name, {})
+      out[name] = dict(source="prepared", path="", tokenizer="", rules="paper",
+                       image_mode="paper", image_size=320, batch_size=batch, weight=weight,
+                       **kind, **shapes)
+  return out
 
 
 def openflamingo_data() -> dict:

@@ -10,7 +10,7 @@ size), so the paper's mixture can run without a single file:
 
 An example is a document of `max_images` equal chunks, `<image> text… <|endofchunk|>`
 each, with every token attending (no padding), the media index of an interleaved
-document, uniform random pixels in [-1, 1] and uniform random text ids. Example i is a
+document, uniform random pixels in [-1, 1] and uniform random text ids (never a special one). Example i is a
 pure function of (seed, i), so batches are deterministic and resume like every source's
 (loader.BatchIterator).
 """
@@ -60,10 +60,11 @@ def example_fn(model_config, *, seed: int, seq_len: int, max_images: int, num_fr
   chunk = seq_len // max_images
   starts = np.arange(max_images) * chunk  # chunk j: [starts[j], starts[j] + chunk)
   media_index = np.minimum(np.arange(seq_len) // chunk, max_images - 1).astype(np.int32)
+  text_ids = np.setdiff1d(np.arange(vocab, dtype=np.int32), [media_id, eoc_id])  # no specials
 
   def example_at(position: int) -> dict:
     rng = np.random.default_rng([seed, int(position)])
-    ids = rng.integers(0, vocab, size=seq_len, dtype=np.int32)
+    ids = text_ids[rng.integers(0, len(text_ids), size=seq_len)]
     if media_id >= 0:
       ids[starts] = media_id
     if eoc_id >= 0:
