@@ -3,6 +3,8 @@ and the logits equal one forward pass over the whole sequence (fp32, max relativ
 ≤ 1e-5), for every LM family, with a tail group, both xattn placements, `<image>` tokens
 inside the prompt, left padding and rows of different lengths."""
 import functools
+import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,9 @@ import pytest
 from flamingo_jax.decoding import state as decode_state
 from tests.decode_models import CASES, batch, make_config, model_and_params
 from tests.parity import relative_error
+
+# The module (flamingo_jax.decoding.generate the name is the function).
+generate_module = importlib.import_module("flamingo_jax.decoding.generate")
 
 @pytest.mark.parametrize("family,placement", CASES)
 def test_prefill_and_extends_equal_the_forward_pass(family, placement):
@@ -71,3 +76,79 @@ def test_reorder_follows_rows():
   swapped = jax.jit(decode_state.reorder)(st, jnp.array([1, 0, 0]))
   got, _ = extend(params, swapped, jnp.array([[30], [20], [20]], jnp.int32))
   np.testing.assert_allclose(got, want[jnp.array([1, 0, 0])], rtol=1e-5, atol=1e-6)
+
+
+def test_following_beams_equals_decoding_each_history():
+  """Beams followed by `reorder` (indices into the cache, never a copy of it) give the
+  logits of decoding each row's own history without any reorder."""
+  config = make_config("llama", "first")
+  model, params = model_and_params(config)
+  ids, mask, images = batch(config)
+  # Two prompts, two beams each; beams move within their prompt's rows, as in beam search.
+  steps = [([0, 0, 1, 1], [5, 6, 7, 8]), ([1, 1, 3, 2], [9, 10, 11, 12]),
+           ([1, 0, 3, 3], [13, 14, 15, 16]), ([0, 0, 2, 3], [17, 18, 19, 20])]
+  prefill = jax.jit(functools.partial(decode_state.prefill, model, cache_size=ids.shape[1] + 4))
+  extend = jax.jit(functools.partial(decode_state.extend, model))
+  reorder = jax.jit(decode_state.reorder)
+  _, st = prefill(params, images=images, input_ids=ids, attention_mask=mask)
+  prompt, history = np.arange(2), np.zeros((2, 0), int)
+  for rows, tokens in steps:
+    rows = np.array(rows)
+    st = reorder(st, jnp.asarray(rows))
+    prompt, history = prompt[rows], history[rows]
+    got, st = extend(params, st, jnp.asarray(tokens, jnp.int32)[:, None])
+    history = np.concatenate([history, np.array(tokens)[:, None]], axis=1)
+  assert st.cache_rows is not None and st.cache_rows.shape == (4, ids.shape[1] + 4)
+  # The same rows decoded one by one, each from its own prompt, tokens fed in order.
+  _, ref = prefill(params, images=images[prompt], input_ids=ids[prompt],
+                   attention_mask=mask[prompt])
+  for j in range(history.shape[1]):
+    want, ref = extend(params, ref, jnp.asarray(history[:, j:j + 1], jnp.int32))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _while_bodies(hlo: str) -> tuple[dict, set]:
+  """Optimised HLO text → ({computation: its lines}, the names of while-loop bodies)."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+    if m:
+      name = m.group(1)
+      comps[name] = []
+    elif name:
+      comps[name].append(line.strip())
+  return comps, set(re.findall(r"body=%([\w.\-]+)", hlo))
+
+
+def test_decode_loop_writes_the_cache_in_place():
+  """Beam search's compiled loop touches the stacked KV cache [groups, N, K, S, D] only by
+  writing one slot in place: no copy of it per layer, no gather of it to follow beams."""
+  config = make_config("llama", "first")
+  model, params = model_and_params(config)
+  ids, mask, images = batch(config)
+  new, beams = 4, 3
+  settings = dict(max_new_tokens=new, num_beams=beams, length_penalty=0.0, do_sample=False,
+                  temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=(1,), pad_token_id=1)
+  program = generate_module._compiled(config, tuple(sorted(settings.items())), False, ())
+  hlo = program.lower(params, images, ids, mask, None, None).compile().as_text()
+  comps, bodies = _while_bodies(hlo)
+  c = config.lm
+  groups, rows, slots = c.num_layers // config.xattn.every, 2 * beams, ids.shape[1] + new - 1
+  stacked = f"[{groups},{rows},{c.kv_heads or c.num_heads},{slots},{c.dim_per_head}]"
+  one_slot = f"[{groups},{rows},{c.kv_heads or c.num_heads},1,{c.dim_per_head}]"
+  writes = 0
+  for body in bodies:
+    for line in comps[body]:
+      m = re.match(r"(?:ROOT )?%\S+ = \w+" + re.escape(stacked) + r"\S* ([\w\-]+)\(", line)
+      if not m or m.group(1) in ("parameter", "get-tuple-element", "tuple", "bitcast"):
+        continue
+      called = re.search(r"calls=%([\w.\-]+)", line)
+      fused = comps[called.group(1)] if called else []
+      root = next((l for l in fused if l.startswith("ROOT")), "")
+      update = re.search(r"dynamic-update-slice\(%\S+, %([\w.\-]+)", root)
+      shapes = {re.match(r"%(\S+) = \w+(\[[\d,]*\])", l).groups() for l in fused
+                if re.match(r"%\S+ = \w+\[", l)}
+      assert update and (update.group(1), one_slot) in shapes, f"a full-cache op: {line[:200]}"
+      writes += 1
+  assert writes == 2 * config.xattn.every  # one per stacked leaf: key, value of each layer

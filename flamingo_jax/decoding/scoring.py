@@ -2,9 +2,10 @@
 
 Classification by ranked likelihood (ImageNet's 1000 class names, HatefulMemes' yes/no)
 asks for log p(candidate | prompt) for many candidates of one prompt. The prompt (images
-included) is prefilled once; then chunks of candidates are fed side by side into the
-cache slots after it, each candidate seeing the prompt and its own earlier tokens only,
-so a chunk of k candidates costs one call over k × L tokens, never k prompt passes.
+included) is prefilled once; then chunks of candidates are fed side by side after it,
+each candidate seeing the prompt's cache and its own earlier tokens only (the cache is
+read, never written), so a chunk of k candidates costs one call over k × L tokens, never
+k prompt passes.
 """
 import functools
 
@@ -67,7 +68,7 @@ def _compiled(config, chunk: int, count_padding: bool, rules):
     _, c, length = candidates.shape
     first, st = decode_state.prefill(model, params, images=images, input_ids=input_ids,
                                      attention_mask=attention_mask, media_mask=media_mask,
-                                     cache_size=t + chunk * length, count_padding=count_padding)
+                                     cache_size=t, count_padding=count_padding)
     first = jax.nn.log_softmax(first, axis=-1)  # [B, V]: the first candidate token
 
     def one_chunk(args):
@@ -89,19 +90,16 @@ def _compiled(config, chunk: int, count_padding: bool, rules):
 def _continuation_log_probs(model, params, st, tokens, prompt_len):
   """log p(token j | prompt, tokens < j) for j >= 1 of each candidate: [B, k, L - 1].
 
-  The k candidates occupy cache slots prompt_len + c * L + j; each sees the prompt's real
-  tokens and its own slots up to itself, at positions continuing its prompt.
+  The k candidates' k × L tokens go in side by side; token j of a candidate sees the
+  prompt's real tokens and its own candidate's tokens up to j, at positions continuing
+  its prompt.
   """
   b, k, length = tokens.shape
-  s = prompt_len + k * length
   j = jnp.tile(jnp.arange(length), k)  # [k * L]: position within the candidate
   cand = jnp.repeat(jnp.arange(k), length)  # [k * L]: which candidate
-  slot = jnp.arange(s)
-  key_cand = jnp.where(slot >= prompt_len, (slot - prompt_len) // length, -1)
-  key_j = jnp.where(slot >= prompt_len, (slot - prompt_len) % length, -1)
-  own = (key_cand[None, :] == cand[:, None]) & (key_j[None, :] <= j[:, None])  # [k*L, S]
-  prompt = st.key_mask[:, None, :] & (slot < prompt_len)[None, None, :]  # [B, 1, S]
-  mask = prompt | own[None]
+  own = (cand[None, :] == cand[:, None]) & (j[None, :] <= j[:, None])  # [k*L, k*L]
+  prompt = jnp.broadcast_to(st.key_mask[:, None, :], (b, k * length, prompt_len))
+  mask = jnp.concatenate([prompt, jnp.broadcast_to(own, (b,) + own.shape)], axis=-1)
   positions = st.next_position[:, None] + j[None, :]
   # Only positions 0 .. L-2 of each candidate predict a candidate token.
   at = (jnp.arange(k)[:, None] * length + jnp.arange(length - 1)[None, :]).reshape(-1)

@@ -4,17 +4,19 @@ Self-attention (LMs, ViT), the resampler's latents-over-media attention and the 
 cross-attention all use `Attention`; what differs is passed in: the context, a boolean
 mask, an additive bias (ALiBi), rotary positions, grouped KV heads, MosaicML's QK norm.
 
-Decoding keeps keys and values in two Flax collections:
-  - `"cache"`, self-attention with `cache_index` given: the call's T new keys / values are
-    written at slots [cache_index, cache_index + T) of a fixed-size cache [B, S, K, D]
-    (S = `mask.shape[-1]`), and the queries attend over all S slots as `mask` allows.
-    Prefill (T = prompt length) and extend (T = 1) are the same code.
+Decoding keeps keys and values in Flax collections, stored [B, K, S, D] (batch, KV
+heads, slots, head dim: the layout the attention matmuls read, so no step transposes them):
+  - `"cache"`, self-attention: the keys / values of the S slots already decoded, read-only
+    inside the model. The call's T tokens attend to those slots and to each other (the
+    mask spans S + T keys), and their own keys / values go out through `"cache_update"`
+    (when that collection is mutable); the caller writes them into the cache, in place,
+    once per step (decoding/state.py), so no layer copies the cache.
   - `"media_cache"`, cross-attention with `context_cache=True`: the context's keys / values
     (the visual tokens) are computed once, when `context` is given and the collection is
-    mutable, and read back when `context` is None. A collection of their own, so the steps
-    after the prompt read them without writing them back.
+    mutable, and read back when `context` is None.
 """
-CACHE, MEDIA_CACHE = "cache", "media_cache"
+CACHE, CACHE_UPDATE, MEDIA_CACHE = "cache", "cache_update", "media_cache"
+_NAMES = ("cached_key", "cached_value")  # the leaves of each collection, per layer
 from typing import Any
 
 import flax.linen as nn
@@ -33,39 +35,46 @@ _MASKED = -1e30  # finite, so a fully masked row gives a uniform softmax, never 
 class SelfAttentionInputs:
   """How the T tokens of one LM call see each other (and, decoding, the KV cache).
 
-  mask [B, T, S]: query t may attend key slot s. positions [B, T]: the queries' position
-  ids (rotary). key_positions [B, S]: the keys' position ids (ALiBi). cache_index: None
-  for a plain forward (S = T, the keys are the tokens themselves), else the cache slot of
-  the first of the T tokens.
+  mask [B, T, S + T]: query t may attend key s, where the keys are the S slots of the KV
+  cache (S = 0 without one), then the T tokens themselves. positions [B, T]: the queries'
+  position ids (rotary). key_positions [B, S + T]: the keys' position ids (ALiBi).
+  cache_rows [B, S]: the cache row that holds each slot of this row (beam search: beams
+  share the slots of their common past, so following a beam moves indices, not the
+  cache); None: the row itself.
   """
   mask: jax.Array
   positions: jax.Array
   key_positions: jax.Array
-  cache_index: jax.Array | None = None
+  cache_rows: jax.Array | None = None
 
   @classmethod
   def causal(cls, attention_mask: jax.Array, positions: jax.Array) -> "SelfAttentionInputs":
-    """A plain forward over [B, T] tokens: causal, padding keys (mask 0) hidden."""
+    """T tokens [B, T] with no cache: causal, padding keys (mask 0) hidden."""
     t = attention_mask.shape[1]
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask.astype(bool)[:, None, :]
     return cls(mask=mask, positions=positions, key_positions=positions)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                          mask: jax.Array | None = None, bias: jax.Array | None = None,
+def dot_product_attention(q: jax.Array, keys_values: list[tuple[jax.Array, jax.Array]], *,
+                          scale: float, mask: jax.Array | None = None,
+                          bias: jax.Array | None = None,
                           zero_empty_rows: bool = False) -> jax.Array:
-  """softmax(q·k * scale + bias, masked) · v, with grouped KV heads.
+  """softmax(q·k * scale + bias, masked) · v over the keys of every segment, with grouped
+  KV heads.
 
-  q [B, T, H, D]; k, v [B, S, K, D] with H % K == 0; mask [B, T, S] (True = attend);
-  bias [B or 1, H, T or 1, S] (added without broadcasting it to [B, H, T, S] first).
-  Logits and softmax run in float32. With `zero_empty_rows`, a query whose mask row is
-  all False gets exactly zero output.
+  q [B, T, H, D]; keys_values: segments (k, v), each [B, K, S_i, D] with H % K == 0, whose
+  keys are concatenated (a cache and the new tokens, read where they lie, never copied
+  into one array); mask [B, T, ΣS_i] (True = attend); bias [B or 1, H, T or 1, ΣS_i]
+  (added without broadcasting it to [B, H, T, S] first). Logits and softmax run in
+  float32. With `zero_empty_rows`, a query whose mask row is all False gets exactly zero.
   """
   b, t, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = keys_values[0][0].shape[1]
   groups = h // kv_heads
   q = q.reshape(b, t, kv_heads, groups, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  logits = [jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+            for k, _ in keys_values]
+  logits = (logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)) * scale
   if bias is not None:
     bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[-2:])
     logits = logits + bias.astype(jnp.float32)
@@ -74,7 +83,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
   weights = jax.nn.softmax(logits, axis=-1)
   if zero_empty_rows and mask is not None:
     weights = jnp.where(mask.any(axis=-1)[:, None, None, :, None], weights, 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
+  out, start = 0, 0
+  for _, v in keys_values:
+    w = weights[..., start:start + v.shape[2]]
+    out = out + jnp.einsum("bkgts,bksd->btkgd", w.astype(v.dtype), v)
+    start += v.shape[2]
   return out.reshape(b, t, h, d)
 
 
@@ -84,7 +97,7 @@ class Attention(nn.Module):
   `context` defaults to the input (self-attention). `rope_dim` > 0 rotates the first
   `rope_dim` channels of q and k at `positions`. `qk_norm`: MosaicML's QK LayerNorm
   (`attn_qk_ln` / `qk_ln`) over the whole projected q and k, before the head split
-  (params `q_norm`, `k_norm`). See the module docstring for the two caches.
+  (params `q_norm`, `k_norm`). See the module docstring for the caches.
   """
   num_heads: int
   head_dim: int
@@ -98,6 +111,7 @@ class Attention(nn.Module):
   qk_norm: bool = False
   qk_norm_eps: float = 1e-5
   zero_empty_rows: bool = False
+  kv_cache: bool = False  # an LM's self-attention: uses `"cache"` / `"cache_update"`
   context_cache: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -106,21 +120,21 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                mask: jax.Array | None = None, bias: jax.Array | None = None,
                positions: jax.Array | None = None,
-               cache_index: jax.Array | None = None) -> jax.Array:
+               cache_rows: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q = self._heads(self._project(x, "query", self.num_heads), self.num_heads)
     if self.context_cache:
-      k, v = self._context_keys_values(context)
+      keys_values = [self._context_keys_values(context)]
     else:
       k, v = self._keys_values(x if context is None else context)
-    if self.rope_dim:
-      rope = dict(rotary_dim=self.rope_dim, theta=self.rope_theta, scaling=self.rope_scaling)
-      q = rotary.apply_rope(q, positions, **rope)
-      k = rotary.apply_rope(k, positions, **rope)
-    if cache_index is not None:
-      k, v = self._write_cache(k, v, cache_index, mask.shape[-1])
-    out = dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask, bias=bias,
-                                zero_empty_rows=self.zero_empty_rows)
+      if self.rope_dim:
+        rope = dict(rotary_dim=self.rope_dim, theta=self.rope_theta, scaling=self.rope_scaling)
+        q = rotary.apply_rope(q, positions, **rope)
+        k = rotary.apply_rope(k, positions, **rope)
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
+      keys_values = self._with_cache(k, v, cache_rows) if self.kv_cache else [(k, v)]
+    out = dot_product_attention(q, keys_values, scale=self.head_dim ** -0.5, mask=mask,
+                                bias=bias, zero_empty_rows=self.zero_empty_rows)
     out = out.reshape(out.shape[:-2] + (self.num_heads * self.head_dim,))
     return Dense(self.out_features or x.shape[-1], ("heads", "embed"), use_bias=self.out_bias,
                  name="out", **kw)(out)
@@ -147,24 +161,26 @@ class Attention(nn.Module):
                  for name in ("key", "value"))
 
   def _context_keys_values(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    # Stored [B, K, S, D] like the self-attention cache (see `_write_cache`).
     if context is None:  # decoding after the prompt: the visual tokens' K/V from the cache
-      return tuple(jnp.swapaxes(self.get_variable(MEDIA_CACHE, name), 1, 2)
-                   for name in ("cached_key", "cached_value"))
-    k, v = self._keys_values(context)
+      return tuple(self.get_variable(MEDIA_CACHE, name) for name in _NAMES)
+    k, v = (jnp.swapaxes(y, 1, 2) for y in self._keys_values(context))
     if self.is_mutable_collection(MEDIA_CACHE) and not self.is_initializing():
-      self.put_variable(MEDIA_CACHE, "cached_key", jnp.swapaxes(k, 1, 2))
-      self.put_variable(MEDIA_CACHE, "cached_value", jnp.swapaxes(v, 1, 2))
+      for name, y in zip(_NAMES, (k, v)):
+        self.put_variable(MEDIA_CACHE, name, y)
     return k, v
 
-  def _write_cache(self, k, v, index, size: int) -> tuple[jax.Array, jax.Array]:
-    """Writes the new k, v [B, T, K, D] at slot `index` of the cache and returns all
-    `size` slots as [B, size, K, D]. The cache is stored [B, K, size, D], the layout the
-    attention matmuls read, so no step transposes it."""
-    b, _, heads, d = k.shape
-    cached = [self.variable(CACHE, name, jnp.zeros, (b, heads, size, d), self.dtype)
-              for name in ("cached_key", "cached_value")]
-    for var, new in zip(cached, (k, v)):
-      var.value = jax.lax.dynamic_update_slice(
-          var.value, jnp.swapaxes(new, 1, 2).astype(var.value.dtype), (0, 0, index, 0))
-    return tuple(jnp.swapaxes(var.value, 1, 2) for var in cached)
+  def _with_cache(self, k, v, cache_rows) -> list[tuple[jax.Array, jax.Array]]:
+    """Self-attention keys: the cached slots (when decoding) first, then the call's own
+    tokens, whose k, v [B, K, T, D] go to `"cache_update"` when it is mutable."""
+    if self.is_mutable_collection(CACHE_UPDATE) and not self.is_initializing():
+      for name, y in zip(_NAMES, (k, v)):
+        self.put_variable(CACHE_UPDATE, name, y)
+    if not self.has_variable(CACHE, _NAMES[0]):
+      return [(k, v)]
+    cached = [self.get_variable(CACHE, name) for name in _NAMES]
+    if cache_rows is not None:  # [B, K, S, D]: slot s of row b from row cache_rows[b, s]
+      heads, slots = cached[0].shape[1:3]
+      index = (cache_rows[:, None, :], jnp.arange(heads)[None, :, None],
+               jnp.arange(slots)[None, None, :])
+      cached = [c[index] for c in cached]
+    return [tuple(cached), (k, v)]

@@ -24,7 +24,7 @@ import numpy as np
 from flamingo_jax import lm as lm_families
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
-from flamingo_jax.layers.attention import CACHE, MEDIA_CACHE, SelfAttentionInputs
+from flamingo_jax.layers.attention import CACHE, CACHE_UPDATE, MEDIA_CACHE, SelfAttentionInputs
 from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense
 from flamingo_jax.lm.token_rows import NewTokenRows
 from flamingo_jax.layers.scan import scan
@@ -126,8 +126,9 @@ class DecoderLM(nn.Module):
     """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = pad); media [B, M, N, Dv]
     (resampled visual tokens); media_index [B, T] (-1 = none); media_mask [B, M].
 
-    Decoding (`cached` given, attention_mask and positions unused): the tokens go into the
-    KV cache at `cached.cache_index` and see the slots `cached.mask` allows; `media` is
+    Decoding (`cached` given, attention_mask and positions unused): the tokens see the KV
+    cache's slots and each other as `cached.mask` allows, and their keys / values go to
+    the `"cache_update"` collection (layers/attention.py); `media` is
     given with the prompt and None after it, when `media_mask` still says how many media
     slots the cached visual tokens hold. `logits_at` [B, K]: the positions whose logits
     are wanted (default: all), so the vocabulary projection runs only there.
@@ -174,7 +175,7 @@ class DecoderLM(nn.Module):
     if c.remat_policy != "none" and cached is None:
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     if lay.num_groups:
-      scanned = scan(group, variable_axes={"params": 0, CACHE: 0, MEDIA_CACHE: 0},
+      scanned = scan(group, variable_axes={"params": 0, CACHE: 0, CACHE_UPDATE: 0, MEDIA_CACHE: 0},
                      split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(args),
                      length=lay.num_groups, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(c, lay.group_size, xattn_at, name="groups")(x, *args)
