@@ -11,8 +11,7 @@ from flamingo_jax.inputs import FlamingoInputError
 from flamingo_jax.lm import token_rows
 from flamingo_jax.lm.decoder import DecoderLM
 from flamingo_jax.model import Flamingo
-
-
+from parity import relative_error
 
 
 def make_config(**overrides) -> FlamingoConfig:
@@ -124,14 +123,51 @@ def test_text_only_batch(model_params):
   np.testing.assert_array_equal(logits, bare)  # no media: the paper's block adds nothing
 
 
-def test_video_frames_and_resolution(model_params):
+def test_video_frames(model_params):
   model, params = model_params
   video = images(0, frames=3)  # 3 frames per media item, temporal embeddings added
   logits = model.apply({"params": params}, video, INPUT_IDS, ATTENTION_MASK)
   assert logits.shape == (2, 12, CONFIG.lm.vocab_size) and np.isfinite(logits).all()
+  # Each frame counts: changing the last frame of image 0 changes the text after it.
+  changed = video.at[:, 0, 2].set(images(7)[:, 0, 0])
+  other = model.apply({"params": params}, changed, INPUT_IDS, ATTENTION_MASK)
+  np.testing.assert_array_equal(logits[0, :2], other[0, :2])
+  assert not np.allclose(logits[0, 2:], other[0, 2:])
 
 
-def test_remat_and_bfloat16_run(model_params):
+# A tiny NFNet (total stride 32): a convolutional tower takes any resolution.
+NFNET = dict(kind="nfnet", variant="F0", image_size=32, depths=(1, 1, 1, 1),
+             widths=(16, 32, 32, 32), stem_width=16, group_width=8, final_width=32)
+
+
+def test_resolution_changes_visual_tokens_not_the_output_shape():
+  """The resampler reads any number of visual tokens: 32 px gives the NFNet a 1x1 grid,
+  64x96 px a 2x3 grid, and both give the LM the same number of visual tokens. The whole
+  image is used: changing only its bottom-right corner changes the text after it."""
+  config = make_config(vision=NFNET)
+  model, params = init(config)
+  vision_tokens = lambda x: model.apply({"params": params}, x, method=lambda m, x: m.vision(x))
+  encode = lambda x: model.apply({"params": params}, x, method=Flamingo.encode_media)
+  logits = jax.jit(model.apply)
+  small = images(0)
+  large = jax.random.normal(jax.random.key(4), (2, 2, 1, 64, 96, 3))
+  assert vision_tokens(small[:, 0, 0]).shape[1] == 1
+  assert vision_tokens(large[:, 0, 0]).shape[1] == 6
+  assert encode(small).shape == encode(large).shape == (2, 2, CONFIG.resampler.num_latents, 32)
+  a = logits({"params": params}, small, INPUT_IDS, ATTENTION_MASK)
+  b = logits({"params": params}, large, INPUT_IDS, ATTENTION_MASK)
+  assert a.shape == b.shape == (2, 12, CONFIG.lm.vocab_size) and np.isfinite(b).all()
+  assert not np.allclose(a[0, 2:], b[0, 2:])
+  corner = large.at[:, 0, 0, 32:, 64:].set(jax.random.normal(jax.random.key(5), (2, 32, 32, 3)))
+  tokens, tokens_corner = encode(large), encode(corner)
+  np.testing.assert_array_equal(tokens[:, 1], tokens_corner[:, 1])
+  assert np.abs(tokens[:, 0] - tokens_corner[:, 0]).max() > 1e-5  # (near-uniform attention at init)
+  c = logits({"params": params}, corner, INPUT_IDS, ATTENTION_MASK)
+  np.testing.assert_array_equal(b[0, :2], c[0, :2])  # before the first <image>
+  assert not np.array_equal(b[0, 2:], c[0, 2:])
+
+
+def test_remat_matches(model_params):
   ref_model, params = model_params
   model = Flamingo(make_config(remat_policy="full"))
   loss = lambda m: lambda p: m.apply({"params": p}, images(), INPUT_IDS, ATTENTION_MASK).mean()
@@ -140,9 +176,19 @@ def test_remat_and_bfloat16_run(model_params):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
   # Vision features are stop-gradient: the frozen tower gets exactly zero gradient.
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g1["vision"]))
+
+
+def test_bfloat16_matches_float32(model_params):
+  """bf16 activations (fp32 weights) give the fp32 logits up to bf16 rounding: relative
+  error well under 5% of the largest logit, but not zero (the compute really is bf16)."""
+  fp32_model, params = model_params
   bf16 = Flamingo(make_config(dtype="bfloat16"))
   out = jax.jit(bf16.apply)({"params": params}, images(), INPUT_IDS, ATTENTION_MASK)
+  ref = jax.jit(fp32_model.apply)({"params": params}, images(), INPUT_IDS, ATTENTION_MASK)
   assert out.dtype == jnp.float32 and np.isfinite(out).all()
+  err = relative_error(out, ref, where=ATTENTION_MASK)
+  print("bf16 vs fp32: max relative error", err)
+  assert 0 < err < 0.05, err
 
 
 @pytest.mark.parametrize("kwargs,field", [
