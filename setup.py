@@ -35,7 +35,10 @@ TORCH = ["torch==2.13.0"]
 # The reference implementations themselves (open_flamingo, open_clip, timm, torchvision)
 # pin an old torch in their metadata, so they install with --no-deps from
 # tests/requirements-reference.txt; these are their remaining dependencies.
-TEST = TORCH + EVAL + ["pytest==9.0.3", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
+# libtpu: the abstract TPU topologies train_compile.py compiles for (on a CPU machine
+# too), the version jax[tpu]==0.10.2 pins; tests/test_train_compile.py needs it.
+LIBTPU = ["libtpu==0.0.42.*"]
+TEST = TORCH + EVAL + LIBTPU + ["pytest==9.0.3", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
                 "sentencepiece==0.2.3", "regex"]
 
 setup(
@@ -45,5 +48,5 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH, "eval": EVAL, "test": TEST},
+    extras_require={"torch": TORCH, "eval": EVAL, "tpu_compile": LIBTPU, "test": TEST},
 )

@@ -5,6 +5,10 @@ import types
 
 # Eight simulated CPU devices for the sharding tests; must precede the first jax import.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite runs on the CPU. libtpu (a test dependency: train_compile's abstract TPU
+# topologies) would otherwise make every jax process, subprocesses included, try to start
+# a TPU backend and print its failure to stderr before falling back to the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # No hub on these machines: fail fast instead of a ~46 s lookup.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -323,3 +323,56 @@ def test_microbatches_stay_sharded():
   program = program_for(config)
   hlo = program.lower(program.groups[0]).compile().as_text()
   assert program.mesh.shape["data"] == 8 and "all-gather" not in hlo
+
+
+def shrunk_paper_config(name):
+  """configs/{name}.py (its data: random batches of the paper's shapes, 256 tokens and 5
+  images for M3W, 8-frame clips for VTP; its tokenizer's ids) with a tiny model and
+  32-pixel images, so that a CPU can run it."""
+  config = load_config(name)
+  config.model.vision = dict(kind="nfnet", variant="F0", image_size=32, depths=(1, 1, 1, 1),
+                             widths=(32, 64, 64, 64), stem_width=16, group_width=16)
+  config.model.resampler.update(dim=64, depth=1, num_heads=2, head_dim=16, num_latents=4)
+  config.model.lm.update(d_model=64, num_layers=2, num_heads=2, mlp_dim=128)
+  config.model.xattn.update(num_heads=2, head_dim=16, ff_dim=128, every=1)
+  config.model.remat_policy = "none"
+  for d in config.data.values():
+    d.batch_size, d.image_size = 2, 32
+  config.mesh = dict(slice=1, data=1, fsdp=1, tensor=1)
+  config.update(total_steps=1, log_every=1)
+  return config
+
+
+def test_paper_config_starts_on_random_batches_of_its_shapes(tmp_path):
+  """train.py on configs/flamingo_3b.py as shipped but for the model's size: the four
+  datasets of the paper's mixture, its special ids, one update with finite losses."""
+  from flamingo_jax import presets
+  config = shrunk_paper_config("flamingo_3b")
+  assert config.model.media_token_id == presets.PAPER_MEDIA_TOKEN_ID == 32001
+  assert config.model.lm.vocab_size == presets.PAPER_VOCAB
+  result = train_lib.train(config, str(tmp_path), devices=jax.devices()[:1])
+  assert result["step"] == 1
+  with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+    (row,) = [json.loads(line) for line in f]
+  for name in ("m3w", "align", "ltip", "vtp"):
+    assert np.isfinite(row[f"loss/{name}"]) and row[f"loss/{name}"] > 0
+  assert row["loss_tokens/m3w"] == 2 * 255 - 2 * 4  # 5 chunks: 4 `<image>` targets masked
+
+
+def test_paper_configs_split_their_batches_over_their_pods():
+  """flamingo_80b is the paper's 1536-chip run: 16-way tensor leaves 96 batch shards, and
+  every per-dataset batch splits over them; 3B and 9B over a 64-chip v4 slice."""
+  from flamingo_jax.train.config import check
+  c80 = load_config("flamingo_80b")
+  check(c80)
+  assert c80.mesh.tensor == 16 and c80.mesh.fsdp == 4
+  shards = 1536 // c80.mesh.tensor
+  assert {n: d.batch_size % shards for n, d in c80.data.items()} == dict.fromkeys(c80.data, 0)
+  assert {n: d.batch_size for n, d in c80.data.items()} == dict(m3w=288, align=576, ltip=576, vtp=96)
+  for name in ("flamingo_3b", "flamingo_9b"):
+    c = load_config(name)
+    check(c)
+    assert {n: d.batch_size for n, d in c.data.items()} == dict(m3w=256, align=512, ltip=512, vtp=64)
+    assert all(d.batch_size % 64 == 0 for d in c.data.values())
+  prepared = load_config("flamingo_3b", "prepared")
+  assert {d.source for d in prepared.data.values()} == {"prepared"}

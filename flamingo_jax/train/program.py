@@ -97,9 +97,11 @@ class Program:
     return jax.jit(self.new_state, out_shardings=self.state_shardings)(trainable)
 
   def step_flops(self, group) -> float:
-    """Analytic FLOPs of one update of `group` (frozen-aware; flops.py)."""
-    return flops.train_step_flops(self.model, {n: self.batch_shapes[n] for n in group},
-                                  tuple(self.config.trainable))
+    """Analytic FLOPs of one update of `group` (frozen-aware; flops.py), counted on this
+    host's backend (the shapes without the mesh's shardings)."""
+    bare = {n: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.batch_shapes[n].items()}
+            for n in group}
+    return flops.train_step_flops(self.model, bare, tuple(self.config.trainable))
 
 
 def _cast(dtype, to):

@@ -1,0 +1,117 @@
+"""train_compile.py: train.py's own step compiled for an abstract TPU pod with libtpu on
+this CPU machine (libtpu is a test dependency), and its memory checked against the
+arithmetic. Only one libtpu process may run at a time: these tests run one after another."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from config_files import ROOT
+
+GIB = 2 ** 30
+
+# configs/tiny.py with widths that are multiples of 128, so TPU tiling pads little and the
+# compiled arguments can be held to the arithmetic.
+WIDE_TINY = ["--config.model.lm.d_model=256", "--config.model.lm.mlp_dim=512",
+             "--config.model.lm.vocab_size=1024", "--config.model.vision.width=128",
+             "--config.model.vision.mlp_dim=256", "--config.model.xattn.head_dim=128",
+             "--config.model.resampler.head_dim=128"]
+
+
+def train_compile(*args, check=True):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # no simulated CPU devices: the devices are the topology's
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "train_compile.py"), *args],
+                     capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  if check:
+    assert p.returncode == 0, p.stderr[-3000:]
+  return p
+
+
+def test_compiles_a_small_config_for_a_v4_slice_and_memory_matches_the_arithmetic():
+  p = train_compile("--config", "configs/tiny.py", "--topology", "v4:2x2x1",
+                    "--config.mesh.data=2", "--config.mesh.fsdp=2", *WIDE_TINY)
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 4 and out["device_kind"] == "TPU v4"
+  assert out["mesh"] == {"slice": 1, "data": 2, "fsdp": 2, "tensor": 1}
+  assert out["fits"] is True and out["usable_hbm_gib"] == 30.75
+  assert out["compile_s"] > 0 and 0.1 < out["host_peak_gib"] < 8
+  (step,) = out["steps"]
+  m, arith = step["memory"], step["arguments_arithmetic"]
+  assert m["total"] == m["arguments"] + m["outputs"] - m["aliases"] + m["temporaries"] + m["code"]
+  assert out["per_device_gib"] == pytest.approx(m["total"] / GIB, abs=1e-3)
+  # Arguments: the state, frozen weights and batch shards one device holds (tiling pads a
+  # few per cent); the state is donated, so its outputs alias it.
+  assert sum(arith.values()) <= m["arguments"] <= 1.1 * sum(arith.values())
+  assert arith["state"] <= m["aliases"] <= 1.1 * arith["state"]
+  # The arithmetic itself: fsdp 2 splits the LM's weights (the vision tower stays
+  # replicated), so a device holds between half and all of the bf16 frozen weights, and
+  # between half and all of the fp32 trainable weights with their two Adam moments.
+  from config_files import load_config
+  from flamingo_jax import summary
+  from flamingo_jax.config import FlamingoConfig
+  config = load_config("tiny")
+  config.model.lm.update(d_model=256, mlp_dim=512, vocab_size=1024)
+  config.model.vision.update(width=128, mlp_dim=256)
+  config.model.xattn.head_dim = config.model.resampler.head_dim = 128
+  counts = summary.count(FlamingoConfig.from_dict(config.model), tuple(config.trainable))
+  assert 0.5 * 2 * counts["frozen"] <= arith["frozen"] < 2 * counts["frozen"]
+  assert 0.5 * 12 * counts["trainable"] <= arith["state"] < 12 * counts["trainable"] + 4096
+  # The FLOP count and the step time it implies at 50% MFU on 4 chips of 275 TFLOP/s.
+  assert step["step_flops"] > 0
+  assert out["step_s_at_50_mfu"] == pytest.approx(step["step_flops"] / (0.5 * 275e12 * 4))
+  assert "fits" in p.stdout and "arithmetic" in p.stdout
+
+
+def test_a_step_too_big_for_the_chip_does_not_fit():
+  """Everything trainable with a 2M-row vocabulary: ~2 GB of weights × (params, two
+  moments, gradient) replicated on each 15.75 GiB v5e chip cannot fit."""
+  p = train_compile("--config", "configs/tiny.py", "--topology", "v5e:2x2",
+                    "--config.model.lm.vocab_size=2000000", "--config.model.lm.d_model=256",
+                    "--config.trainable=('.*',)")
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  assert out["fits"] is False and out["usable_hbm_gib"] == 15.75
+  assert out["per_device_gib"] is None or out["per_device_gib"] > 15.75
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v4:8x8"], "--topology: 'v4:8x8'; a v4 topology has 3"),
+    (["--topology", "v6:2x2"], "GENERATION:AxBxC"),
+    (["--topology", "v4:2x2x1", "--config.mesh.tensor=3"], "mesh"),
+    (["--topology", "v4:2x2x1", "--config.data.synthetic.batch_size=6"], "data.synthetic.batch_size"),
+])
+def test_mistakes_are_one_line(args, message):
+  p = train_compile("--config", "configs/tiny.py", *args, check=False)
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [line for line in p.stderr.splitlines() if line.startswith("train_compile: error:")]
+  assert len(lines) == 1 and message in lines[0], p.stderr[-2000:]
+
+
+def test_tpu_meshes_follow_the_topology():
+  """On abstract v4 chips the mesh is mesh_utils' (physical axes split only where no exact
+  fit exists, as for 8-way tensor on a 4x4x4 torus), not the device list reshaped."""
+  code = """
+import json
+import numpy as np
+from jax.experimental import mesh_utils
+from flamingo_jax import sharding
+from flamingo_jax.train import topology
+devices = topology.devices("v4:4x4x4")
+ids = np.vectorize(lambda d: d.id)
+out = []
+for sizes, split in ((dict(slice=1, data=4, fsdp=1, tensor=16), False),
+                     (dict(slice=1, data=8, fsdp=1, tensor=8), True)):
+  mesh = sharding.make_mesh(sizes, devices)
+  want = mesh_utils.create_device_mesh(mesh.devices.shape, devices, allow_split_physical_axes=split)
+  plain = np.asarray(devices).reshape(mesh.devices.shape)
+  out.append([bool((ids(mesh.devices) == ids(want)).all()), bool((ids(mesh.devices) == ids(plain)).all())])
+print(json.dumps(out))
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                     env=env, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert json.loads(p.stdout.strip().splitlines()[-1]) == [[True, False], [True, False]]

@@ -1,0 +1,158 @@
+"""Compiles train.py's update step for a TPU pod on this machine, and says whether it fits.
+
+  python train_compile.py --config configs/flamingo_80b.py --topology v4:8x8x24 [--config.FIELD=VALUE ...]
+
+The program is train.py's own (flamingo_jax/train/program.py: model, shardings, jitted
+steps), built over the abstract devices of `--topology` (libtpu, no TPU needed; see
+flamingo_jax/train/topology.py) and only lowered and compiled: parameters, train state
+and batches are ShapeDtypeStructs with their shardings, the batch shapes come from the
+config's data settings (sources.batch_shapes). Prints the mesh, each step's per-device
+memory from XLA (arguments, outputs, aliases, temporaries, code; their total against
+the chip's usable HBM) beside the arithmetic of the arguments (state + frozen weights +
+batch shards), whether it fits, the compile time, this process's peak host memory, the
+analytic FLOPs of one step (frozen-aware, every scanned layer counted: flops.py) and the
+step time they imply at 50% MFU. The last stdout line is one JSON object:
+
+  {"fits": bool, "compile_s": s, "host_peak_gib": GiB, "per_device_gib": GiB, ...}
+
+Exit status 0 (fits or not: the answer is in the JSON), 2 on a config or topology
+mistake (one line on stderr).
+"""
+import json
+import os
+import re
+import resource
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile on the CPU; libtpu only describes the pod
+
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from flamingo_jax import sharding  # noqa: E402
+from flamingo_jax.config import ConfigError  # noqa: E402
+from flamingo_jax.data import sources  # noqa: E402
+from flamingo_jax.train import program as program_lib, topology as topology_lib  # noqa: E402
+from flamingo_jax.train.config import check, check_against_mesh  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:8x8x24, v5p:8x8x8, v5e:16x16.")
+
+MFU = 0.5
+GIB = 2 ** 30
+
+
+def shard_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def memory(compiled) -> dict:
+  """Per-device bytes from XLA's memory analysis; `total` = arguments + outputs − aliases
+  + temporaries + code (what must be resident at once)."""
+  m = compiled.memory_analysis()
+  out = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+             aliases=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
+             code=m.generated_code_size_in_bytes)
+  out["total"] = out["arguments"] + out["outputs"] - out["aliases"] + out["temporaries"] + out["code"]
+  return out
+
+
+def compile_group(program, group, usable: int) -> dict:
+  """Lowers and compiles one step; its memory, or (when it cannot fit) the compiler's
+  requirement from its out-of-memory error."""
+  start = time.perf_counter()
+  lowered = program.lower(group)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 (XlaRuntimeError RESOURCE_EXHAUSTED)
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+      raise
+    needed = [float(v) * (1024 if u == "T" else 1 if u == "G" else 1 / 1024)
+              for v, u in re.findall(r"\(([\d.]+)([TGM])\)", text.split("\n")[0])]
+    return dict(compile_s=time.perf_counter() - start, fits=False, memory=None,
+                per_device_gib=max(needed) if needed else None, error=text.splitlines()[0][:300])
+  mem = memory(compiled)
+  return dict(compile_s=time.perf_counter() - start, fits=mem["total"] <= usable, memory=mem,
+              per_device_gib=mem["total"] / GIB)
+
+
+def run(config, topology_name: str) -> dict:
+  model_config = check(config)
+  chip, dims = topology_lib.parse(topology_name)
+  devices = topology_lib.devices(topology_name)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  check_against_mesh(config, mesh)
+  shapes = {n: sources.batch_shapes(n, d, model_config) for n, d in config.data.items()}
+  program = program_lib.build(config, model_config, mesh, shapes)
+  usable = int(chip.usable_hbm_gib * GIB)
+  print(f"topology {topology_name}: {len(devices)} × {chip.device_kind} "
+        f"({chip.usable_hbm_gib} GiB usable HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each)")
+  print(f"mesh {dict(mesh.shape)}; batch shards {mesh.size // mesh.shape['tensor']}")
+  per_step = {n: int(shapes[n]["input_ids"][0][0]) for n in shapes}
+  print("batch per dataset:", ", ".join(f"{n} {b}" for n, b in sorted(per_step.items())))
+
+  results = []
+  for group in program.groups:
+    inputs = program.abstract_inputs(group)
+    arithmetic = dict(state=shard_bytes(inputs[0]), frozen=shard_bytes(inputs[1]),
+                      batch=shard_bytes(inputs[2]))
+    r = compile_group(program, group, usable)
+    r.update(group=list(group), arguments_arithmetic=arithmetic)
+    flops = program.step_flops(group)
+    r.update(step_flops=flops, step_s_at_50_mfu=flops / (MFU * chip.peak_flops * len(devices)))
+    results.append(r)
+    print(f"step over {', '.join(group)}: compiled in {r['compile_s']:.1f} s")
+    gib = lambda b: f"{b / GIB:.2f}"
+    if r["memory"] is not None:
+      m = r["memory"]
+      print(f"  per device: arguments {gib(m['arguments'])} GiB (arithmetic: state "
+            f"{gib(arithmetic['state'])} + frozen {gib(arithmetic['frozen'])} + batch "
+            f"{gib(arithmetic['batch'])}), outputs {gib(m['outputs'])}, aliases "
+            f"{gib(m['aliases'])}, temporaries {gib(m['temporaries'])}, code {gib(m['code'])}")
+    need = "?" if r["per_device_gib"] is None else f"{r['per_device_gib']:.2f}"
+    print(f"  total {need} GiB of {chip.usable_hbm_gib} usable: "
+          f"{'fits' if r['fits'] else 'does NOT fit'}" + (f" ({r['error']})" if "error" in r else ""))
+    print(f"  {flops / 1e15:.2f} PFLOP a step (analytic, frozen-aware): "
+          f"{r['step_s_at_50_mfu']:.3f} s a step at {MFU:.0%} MFU")
+
+  host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+  sizes = [r["per_device_gib"] for r in results]
+  summary = dict(
+      topology=topology_name, devices=len(devices), device_kind=chip.device_kind,
+      mesh=dict(mesh.shape), fits=all(r["fits"] for r in results),
+      compile_s=round(sum(r["compile_s"] for r in results), 1),
+      host_peak_gib=round(host_peak, 2),
+      per_device_gib=None if None in sizes else round(max(sizes), 3),
+      usable_hbm_gib=chip.usable_hbm_gib,
+      step_flops=sum(r["step_flops"] for r in results),
+      step_s_at_50_mfu=sum(r["step_s_at_50_mfu"] for r in results) / len(results),
+      batch=per_step, steps=results)
+  print(f"host peak memory {host_peak:.2f} GiB")
+  return summary
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.ERROR)
+  try:
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+      raise ConfigError("--config and --topology are required, e.g. --config "
+                        "configs/flamingo_3b.py --topology v4:4x4x4")
+    summary = run(_CONFIG.value, _TOPOLOGY.value)
+  except (ConfigError, topology_lib.TopologyError, ValueError) as e:  # ours name the field
+    print(f"train_compile: error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
