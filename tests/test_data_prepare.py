@@ -130,8 +130,10 @@ def make_mmc4(d):
   return f"{d}/docs.jsonl", f"{d}/images"
 
 
-MMC4_SKIPPED = {"text_index_out_of_range": 1, "image_missing": 2, "image_corrupt": 1,
-                "no_usable_image": 1, "empty_text": 1, "invalid_utf8": 1, "image_unmatched": 2}
+# Records (documents 4, 5 and 7); the images dropped inside kept documents apart.
+MMC4_SKIPPED = {"no_usable_image": 1, "empty_text": 1, "invalid_utf8": 1}
+MMC4_DROPPED_IMAGES = {"text_index_out_of_range": 1, "image_missing": 1, "image_corrupt": 1,
+                       "image_unmatched": 2}
 
 
 def write_video(path, ids_per_second, fps=4, size=32):
@@ -179,7 +181,7 @@ def read_all(path, kind):
 def test_pairs_summary_and_records(tmp_path, capsys):
   inputs = make_pairs(tmp_path / "raw")
   summary = run_cli(capsys, "pairs", "--input", *inputs, "--output", tmp_path / "out")
-  assert summary == {"kept": 8, "skipped": PAIRS_SKIPPED}
+  assert summary == {"read": 16, "kept": 8, "skipped": PAIRS_SKIPPED}
   records = read_all(tmp_path / "out", "pairs")
   assert sorted(id_of_image_bytes(r["image"]) for r in records) == list(range(8))
   for r in records:
@@ -192,7 +194,7 @@ def test_pairs_summary_and_records(tmp_path, capsys):
 def test_webdataset_summary_and_pairing(tmp_path, capsys):
   d = make_webdataset(tmp_path / "raw")
   summary = run_cli(capsys, "webdataset", "--input", d, "--output", tmp_path / "out")
-  assert summary == {"kept": 6, "skipped": WDS_SKIPPED}
+  assert summary == {"read": 10, "kept": 6, "skipped": WDS_SKIPPED}
   records = read_all(tmp_path / "out", "webdataset")
   assert sorted(id_of_image_bytes(r["image"]) for r in records) == list(range(6))
   for r in records:  # never another key's text, and never 50's text with 51's …
@@ -205,7 +207,8 @@ def test_mmc4_summary_and_structure(tmp_path, capsys):
   docs, images = make_mmc4(tmp_path / "raw")
   summary = run_cli(capsys, "mmc4", "--input", docs, "--images-dir", images,
                     "--output", tmp_path / "out")
-  assert summary == {"kept": 5, "skipped": MMC4_SKIPPED}
+  assert summary == {"read": 8, "kept": 5, "skipped": MMC4_SKIPPED,
+                     "dropped_images": MMC4_DROPPED_IMAGES}
   by_line = {int(r["id"].rsplit(":", 1)[1]): r for r in read_all(tmp_path / "out", "mmc4")}
   assert sorted(by_line) == [1, 2, 3, 4, 7]
   assert [id_of_image_bytes(b) for b in by_line.pop(7)["images"]] == [60]
@@ -223,7 +226,7 @@ def test_mmc4_summary_and_structure(tmp_path, capsys):
 def test_video_summary_and_frames(tmp_path, capsys):
   summary = run_cli(capsys, "video", "--input", make_video(tmp_path / "raw"),
                     "--output", tmp_path / "out")
-  assert summary == {"kept": 4, "skipped": {"video_unreadable": 2}}
+  assert summary == {"read": 6, "kept": 4, "skipped": {"video_unreadable": 2}}
   records = read_all(tmp_path / "out", "video")
   by_caption = {r["caption"]: r for r in records}
   for c in range(3):  # 8 frames at 1 FPS out of a 10 s clip: seconds 0..7
@@ -262,6 +265,11 @@ def test_worker_processes_prepare_the_same_dataset(tmp_path):
     runs = [prepare.prepare(kind, inputs, str(tmp_path / f"out{w}"), num_workers=w, **options)
             for w in (0, 2)]
     assert runs[0]["kept"] == runs[1]["kept"] and runs[0]["skipped"] == runs[1]["skipped"], kind
+    assert runs[0].get("dropped_images") == runs[1].get("dropped_images"), kind
+    # (the same entries; rows that fail before a worker sees them are listed earlier)
+    lists = [sorted(open(r["skipped_list"]).read().splitlines()) for r in runs]
+    assert lists[0] == lists[1] and len(lists[0]) == sum(runs[0]["skipped"].values()) + sum(
+        runs[0].get("dropped_images", {}).values()), kind
     serial, parallel = (read_all(r["path"], kind) for r in runs)
     assert [r["id"] for r in serial] == [r["id"] for r in parallel], kind
     for a, b in zip(serial, parallel):
@@ -284,7 +292,14 @@ def test_cli_subprocess_prints_summary_last(tmp_path):
                       *inputs, "--output", str(tmp_path / "out")],
                      capture_output=True, text=True, env=env, timeout=120)
   assert r.returncode == 0, r.stderr
-  assert json.loads(r.stdout.strip().splitlines()[-1]) == {"kept": 8, "skipped": PAIRS_SKIPPED}
+  assert json.loads(r.stdout.strip().splitlines()[-1]) == {"read": 16, "kept": 8,
+                                                            "skipped": PAIRS_SKIPPED}
+  assert r.stdout.strip().count("\n") == 0, r.stdout  # the summary only
+  # TFDS's "Downloading and preparing dataset Unknown size ..." is not printed (nothing is
+  # downloaded); the progress bar is, on stderr, with the rate, kept and skipped.
+  assert "ownload" not in r.stdout + r.stderr, r.stdout + r.stderr
+  assert "records/s" in r.stderr and "kept=8" in r.stderr and "skipped=8" in r.stderr, r.stderr
+  assert "Traceback" not in r.stderr
   strict = subprocess.run([sys.executable, "-m", "flamingo_jax.data.prepare", "pairs", "--input",
                            *inputs, "--output", str(tmp_path / "out2"), "--strict"],
                           capture_output=True, text=True, env=env, timeout=120)

@@ -93,7 +93,7 @@ def test_prepare_tfds_keeps_every_caption_and_trains_on_one(tmp_path, capsys, da
                        "--text-key", "captions/text", "--output", str(out),
                        "--tokenizer", tokenizer_dir]) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert summary == {"kept": 6, "skipped": {"empty_text": 1}}
+  assert summary == {"read": 7, "kept": 6, "skipped": {"empty_text": 1}}
   records = prepared.PreparedDataset(str(out), "tfds")
   for r in (records[i] for i in range(len(records))):
     i = id_of_image_bytes(r["image"])

@@ -19,11 +19,29 @@ metadata: sequence length, prompt format and truncation then stay training optio
 stored text stays readable, and training checks that it loads the tokenizer the dataset
 was prepared for.
 
-Bad records are skipped and counted by reason (or, with --strict, the first one raises an
-error naming the file and record). The last line printed is one JSON object:
-`{"kept": n, "skipped": {"reason": count, ...}}`; it is also written to DIR/summary_KIND.json.
+Bad records are skipped (or, with --strict, the first one is an error naming the file
+and record). Every skipped record is listed in DIR/flamingo_KIND/skipped.jsonl, one JSON
+object a line: {"id", "file", "line" (jsonl / csv) or "member" (a tar shard's key),
+"reason", "detail"}; an image dropped from an MMC4 document that is kept is listed there
+too, with its "image" index. A progress bar on stderr shows records read per second, kept
+and skipped. The last line printed is one JSON object, also written to
+DIR/summary_KIND.json:
+
+    {"read": n, "kept": k, "skipped": {"reason": count, ...}[, "dropped_images": {...}]}
+
+where `skipped` counts records, so kept + the sum of skipped = read, and (mmc4)
+`dropped_images` counts the images dropped inside kept documents, by reason.
+
+Relative image names (mmc4, pairs) are looked up in --images-dir, or without it beside
+the jsonl / csv and then in an `images/` folder next to it.
+
+Exit status: 0 ok; 1 a data problem (--strict's first bad record, or a run that keeps
+nothing: the summary, then one line saying why); 2 a command-line or input mistake (a
+missing input, an existing output without --overwrite, a bad value): one line naming the
+flag, before anything is written. --traceback shows the traceback instead.
 """
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -32,6 +50,7 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
+from flamingo_jax import cli
 from flamingo_jax.data import raw
 
 VERSION = "1.0.0"
@@ -84,6 +103,15 @@ class _RawSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         features=FEATURES[self.KIND](),
         metadata=tfds.core.MetadataDict(kind=self.KIND, **self._metadata))
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
+  # and prepared to ..." on stdout: nothing is downloaded here, and prepare() says itself
+  # what it wrote.
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
+
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
 
@@ -98,6 +126,21 @@ def _builder_class(kind):
 
 
 BUILDERS = {kind: _builder_class(kind) for kind in FEATURES}
+# The files --input names or holds, per kind (tfds: a catalog name, not a file).
+INPUT_EXTS = {"mmc4": ("jsonl", "json"), "webdataset": ("tar",),
+              "pairs": ("jsonl", "json", "csv"), "video": ("jsonl", "json", "csv")}
+
+
+class PrepareError(ValueError):
+  """A command-line or input mistake, found before anything is written; names the flag."""
+
+
+class NothingKept(ValueError):
+  """Every record read was skipped (or there were none); `summary` as for a kept run."""
+
+  def __init__(self, message: str, summary: dict):
+    super().__init__(message)
+    self.summary = summary
 
 
 def tokenizer_metadata(path: str) -> dict:
@@ -109,50 +152,148 @@ def tokenizer_metadata(path: str) -> dict:
   return {"path": os.path.abspath(path), "special_tokens": dataclasses.asdict(specials)}
 
 
+def check_arguments(kind: str, inputs, output: str, *, tokenizer: str | None = None,
+                    overwrite: bool = False, num_workers: int = 0, **reader_options) -> None:
+  """Raises PrepareError naming the flag for a mistake prepare() would otherwise meet
+  only after creating folders (or deep inside TFDS)."""
+  if kind not in BUILDERS:
+    raise PrepareError(f"KIND: {kind!r} is not one of {', '.join(sorted(BUILDERS))}")
+  if kind in INPUT_EXTS:
+    try:
+      raw.expand_inputs(inputs, INPUT_EXTS[kind])
+    except FileNotFoundError as e:
+      raise PrepareError(f"--input: {e}; give existing files, folders or globs of "
+                         f"{' / '.join(INPUT_EXTS[kind])} files") from None
+  for name, flag in (("images_dir", "--images-dir"), ("videos_dir", "--images-dir")):
+    d = reader_options.get(name)
+    if d and not os.path.isdir(d):
+      raise PrepareError(f"{flag}: {d!r} is not a folder; give the folder that relative "
+                         "image paths start from, or leave it out")
+  if tokenizer and not os.path.exists(tokenizer):
+    raise PrepareError(f"--tokenizer: {tokenizer!r} does not exist; give a Hugging Face "
+                       "tokenizer folder, or leave it out")
+  for name, flag, low in (("max_image_size", "--max-image-size", 0), ("num_frames", "--num-frames", 1)):
+    v = reader_options.get(name)
+    if v is not None and (not isinstance(v, int) or v < low):
+      raise PrepareError(f"{flag}: {v!r} must be an integer >= {low}")
+  if not isinstance(num_workers, int) or num_workers < 0:
+    raise PrepareError(f"--num-workers: {num_workers!r} must be an integer >= 0 (0: this process)")
+  if reader_options.get("fps") is not None and not reader_options["fps"] > 0:
+    raise PrepareError(f"--fps: {reader_options['fps']!r} must be > 0")
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise PrepareError(f"--output: {output!r} is a file; give a folder")
+  data_dir = os.path.join(output, f"flamingo_{kind}", VERSION)
+  if os.path.exists(data_dir) and not overwrite:
+    raise PrepareError(f"--output: {data_dir} exists; pass --overwrite to replace it, or "
+                       "choose another --output")
+
+
 def prepare(kind: str, inputs, output: str, *, tokenizer: str | None = None,
             strict: bool = False, overwrite: bool = False, num_workers: int = 0,
-            **reader_options) -> dict:
-  """Writes the dataset; returns {"kept", "skipped", "path"}. `num_workers` processes
-  make the records (the same dataset, summary and strict error as one process)."""
-  if kind not in BUILDERS:
-    raise ValueError(f"unknown kind {kind!r}; one of {sorted(BUILDERS)}")
-  skips = raw.Skips(strict=strict)
-  kept = [0]
-
-  def records():
-    for r in readers()[kind](inputs, skip=skips, num_workers=num_workers, **reader_options):
-      kept[0] += 1
-      yield r
-
+            progress: bool = False, **reader_options) -> dict:
+  """Writes the dataset; returns the summary (module docstring) plus "path" (the dataset
+  folder) and "skipped_list" (skipped.jsonl). `num_workers` processes make the records
+  (the same dataset, summary and strict error as one process); `progress` shows a bar on
+  stderr. Raises PrepareError before writing anything for a bad argument or a missing
+  input, raw.RawDataError (strict) for the first bad record and NothingKept when every
+  record was skipped; a failed run leaves no dataset, temporary or download folder."""
+  check_arguments(kind, inputs, output, tokenizer=tokenizer, overwrite=overwrite,
+                  num_workers=num_workers, **reader_options)
   metadata = {"source": str(inputs), "reader_options": reader_options}
   if tokenizer:
-    metadata["tokenizer"] = tokenizer_metadata(tokenizer)
-  builder = BUILDERS[kind](records=records(), metadata=metadata, data_dir=output)
-  if os.path.exists(builder.data_dir):
-    if not overwrite:
-      raise FileExistsError(f"{builder.data_dir} exists; pass --overwrite to replace it")
-    shutil.rmtree(builder.data_dir)
+    try:
+      metadata["tokenizer"] = tokenizer_metadata(tokenizer)
+    except (OSError, ValueError) as e:
+      raise PrepareError(f"--tokenizer: {tokenizer!r} could not be loaded: "
+                         f"{' '.join(str(e).split())}") from None
+  root = os.path.join(output, f"flamingo_{kind}")
+  data_dir = os.path.join(root, VERSION)
+  created = [d for d in (output, root) if not os.path.exists(d)]  # removed if the run fails
+  os.makedirs(root, exist_ok=True)
+  if os.path.exists(data_dir):  # --overwrite (checked above)
+    shutil.rmtree(data_dir)
+  skipped_path = os.path.join(root, "skipped.jsonl")
+  log = open(skipped_path, "w")
+  skips = raw.Skips(strict=strict, log=log)
+  kept = 0
+
+  from tqdm import tqdm
+  bar = tqdm(desc=f"prepare {kind}", unit=" records", file=sys.stderr, disable=not progress,
+             dynamic_ncols=True)
+
+  def show():
+    bar.update(kept + skips.records - bar.n)
+    bar.set_postfix(kept=kept, skipped=skips.records, refresh=False)
+
+  def counted(stream):
+    nonlocal kept
+    for r in stream:
+      kept += 1
+      show()
+      yield r
+
+  def summary():
+    out = {"read": kept + skips.records, "kept": kept, "skipped": skips.as_dict()}
+    if kind == "mmc4":
+      out["dropped_images"] = skips.images_as_dict()
+    return out
+
+  ok = False
   try:
+    stream = counted(readers()[kind](inputs, skip=skips, num_workers=num_workers, **reader_options))
+    first = next(stream, None)  # before TFDS: it cannot write an empty split
+    if first is None:
+      show()
+      result = summary()
+      log.flush()
+      _write_summary(output, kind, result)
+      if result["read"] == 0:
+        reason = f"nothing kept: no records in {inputs} (empty files?)"
+      else:
+        top = ", ".join(f"{n} {r}" for r, n in sorted(result["skipped"].items(), key=lambda x: -x[1]))
+        reason = (f"nothing kept: all {result['read']} records read were skipped ({top}); "
+                  f"each is listed in {skipped_path}")
+      ok = True  # the summary and the list are the result: keep them
+      raise NothingKept(reason, result)
+    builder = BUILDERS[kind](records=itertools.chain([first], stream), metadata=metadata,
+                             data_dir=output)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
-  finally:  # a failed (e.g. strict) run leaves no half-written dataset behind
-    parent = os.path.dirname(builder.data_dir)
-    if os.path.isdir(parent):
-      for d in os.listdir(parent):
-        if d.startswith("incomplete."):
-          shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
-    shutil.rmtree(os.path.join(output, "downloads"), ignore_errors=True)
-  if kept[0] == 0:
-    raise ValueError(f"no usable record in {inputs}; skipped: {skips.as_dict()}")
-  summary = {"kept": kept[0], "skipped": skips.as_dict()}
+    show()
+    ok = True
+  finally:
+    bar.close()
+    log.close()
+    _remove_temporaries(output, root)
+    if not ok:  # a failed (e.g. strict) run leaves nothing behind
+      shutil.rmtree(data_dir, ignore_errors=True)
+      if os.path.exists(skipped_path):
+        os.remove(skipped_path)
+      for d in reversed(created):
+        if os.path.isdir(d) and not os.listdir(d):
+          os.rmdir(d)
+  result = summary()
+  _write_summary(output, kind, result)
+  return dict(result, path=data_dir, skipped_list=skipped_path)
+
+
+def _write_summary(output: str, kind: str, summary: dict) -> None:
   with open(os.path.join(output, f"summary_{kind}.json"), "w") as f:
     json.dump(summary, f)
-  return dict(summary, path=str(builder.data_dir))
+
+
+def _remove_temporaries(output: str, root: str) -> None:
+  """TFDS's `incomplete.*` folders (a run that failed midway) and its downloads folder."""
+  if os.path.isdir(root):
+    for d in os.listdir(root):
+      if d.startswith("incomplete."):
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+  shutil.rmtree(os.path.join(output, "downloads"), ignore_errors=True)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m flamingo_jax.data.prepare", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.Parser(prog="python -m flamingo_jax.data.prepare", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("kind", choices=sorted(BUILDERS))
   p.add_argument("--input", required=True, nargs="+",
                  help="file(s), folder(s) or glob(s): jsonl shards (mmc4), tar shards "
@@ -164,7 +305,8 @@ def main(argv=None) -> int:
   p.add_argument("--num-workers", type=int, default=0,
                  help="processes decoding and re-encoding images (0: this one)")
   p.add_argument("--images-dir", help="(mmc4, pairs, video) base of relative image/video "
-                                      "paths; default: the folder of each input file")
+                                      "paths; default: the folder of each input file, then "
+                                      "(mmc4, pairs) its images/ subfolder")
   p.add_argument("--max-image-size", type=int, default=0,
                  help="shrink images so the longer side is at most this (0: keep)")
   p.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
@@ -177,7 +319,15 @@ def main(argv=None) -> int:
   p.add_argument("--image-key", help="(tfds) image feature, e.g. image")
   p.add_argument("--text-key", help="(tfds) caption feature, e.g. captions/text")
   p.add_argument("--fps", type=float, default=1.0, help="(video) sampling rate")
-  a = p.parse_args(argv)
+  p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+  p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+  try:
+    a = p.parse_args(argv)
+  except cli.UsageError as e:
+    print(f"prepare: error: {e}", file=sys.stderr)
+    return 2
+  except SystemExit as e:  # --help
+    return int(e.code or 0)
   opts = {"max_image_size": a.max_image_size, "image_format": a.image_format}
   if a.kind in ("mmc4", "pairs") and a.images_dir:
     opts["images_dir"] = a.images_dir
@@ -193,12 +343,27 @@ def main(argv=None) -> int:
   try:
     summary = prepare(a.kind, a.input if len(a.input) > 1 else a.input[0], a.output,
                       tokenizer=a.tokenizer, strict=a.strict, overwrite=a.overwrite,
-                      num_workers=a.num_workers, **opts)
+                      num_workers=a.num_workers, progress=not a.no_progress, **opts)
   except raw.RawDataError as e:
-    print(f"error (strict): {e}", file=sys.stderr)
+    if a.traceback:
+      raise
+    print(f"prepare: error (strict): {e}", file=sys.stderr)
     return 1
-  print(f"prepared {summary['path']}", file=sys.stderr)
-  print(json.dumps({"kept": summary["kept"], "skipped": summary["skipped"]}), flush=True)
+  except NothingKept as e:
+    if a.traceback:
+      raise
+    print(json.dumps(e.summary), flush=True)
+    print(f"prepare: error: {e}", file=sys.stderr)
+    return 1
+  except (ValueError, OSError) as e:  # PrepareError names the flag; the readers' name the file
+    if a.traceback:
+      raise
+    print(f"prepare: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  print(f"prepared {summary['path']}; skipped records listed in {summary['skipped_list']}",
+        file=sys.stderr)
+  print(json.dumps({k: v for k, v in summary.items() if k not in ("path", "skipped_list")}),
+        flush=True)
   return 0
 
 

@@ -1,10 +1,15 @@
 """Readers of the raw training sources users have, as generators of clean records.
 
 Every record carries a stable id — `file:line` for jsonl/csv, `tarfile:key` for
-WebDataset shards — used as its storage key and in every error message. A record (or,
-inside an MMC4 document, an image) that cannot be used is skipped and counted by reason
-in a `Skips`; with `strict=True` the first failure raises `RawDataError` naming the file
-and record instead.
+WebDataset shards — used as its storage key and in every error message. A record that
+cannot be used is skipped: counted by reason in a `Skips` and listed there (file, line or
+member, reason, detail); an image that cannot be used inside an MMC4 document that is
+kept is counted apart (`Skips.image_counts`) and listed with its index. With
+`strict=True` the first failure raises `RawDataError` naming the file and record instead.
+
+Relative image paths (mmc4's `image_name`, the pairs table's image column) are looked up
+in `images_dir` when given, else beside the jsonl / csv and then in an `images/` folder
+next to it; a missing image's detail names every place looked.
 
 Kinds and the records they yield (images are re-encoded image bytes, never pixels):
   mmc4        {"id", "sentences": [str], "images": [bytes], "image_sentence": int32[N]
@@ -20,9 +25,11 @@ Kinds and the records they yield (images are re-encoded image bytes, never pixel
 Skip reasons (the keys of `Skips.counts`): invalid_utf8, bad_json, bad_csv, missing_field,
 empty_text, image_missing, image_corrupt, no_usable_image (mmc4), text_index_out_of_range
 (mmc4), missing_image / missing_caption (webdataset: a key without one of its members),
-tar_error, video_unreadable, video_no_frames, image_unmatched (mmc4). For mmc4,
-image_missing, image_corrupt, image_unmatched and text_index_out_of_range count *images*
-dropped from a document; the other reasons count records.
+tar_error, video_unreadable, video_no_frames, image_unmatched (mmc4). `Skips.counts`
+counts records only (so kept + its sum = the records read); for mmc4, image_missing,
+image_corrupt, missing_field, image_unmatched and text_index_out_of_range of images
+dropped from a kept document are in `Skips.image_counts`, and a document left with no
+image is one `no_usable_image` record whose detail says what happened to each image.
 """
 import base64
 import binascii
@@ -33,6 +40,7 @@ import glob
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 from typing import Iterable, Iterator
@@ -55,25 +63,70 @@ class RawDataError(ValueError):
     return RawDataError, (self.record_id, self.reason, self.detail)
 
 
-class Skips:
-  """Counts of skipped records by reason; raises on the first one when `strict`."""
+def location(record_id: str) -> dict:
+  """A record id as {"file", "line"} (jsonl / csv), {"file", "member"} (a tar shard's key)
+  or {"file"}; an image inside an MMC4 document adds {"image": index}."""
+  out = {}
+  rid, sep, image = record_id.rpartition(": image ")
+  if sep and image.isdigit():
+    record_id, out["image"] = rid, int(image)
+  path, sep, where = record_id.rpartition(":")
+  if not sep or not path:
+    return {"file": record_id, **out}
+  return {"file": path, **({"line": int(where)} if where.isdigit() else {"member": where}), **out}
 
-  def __init__(self, strict: bool = False):
-    self.strict = strict
-    self.counts: collections.Counter = collections.Counter()
+
+class Skips:
+  """Skipped records (and images dropped from kept MMC4 documents): counted by reason and
+  listed, each as {"id", "file", "line" or "member", ["image"], "reason", "detail"}, to
+  the `log` file (one JSON object a line) or, without one, in `entries`. Raises
+  RawDataError on the first failure when `strict`."""
+
+  def __init__(self, strict: bool = False, log=None):
+    self.strict, self._log = strict, log
+    self.counts: collections.Counter = collections.Counter()  # records
+    self.image_counts: collections.Counter = collections.Counter()  # images of kept documents
+    self.entries: list[dict] = []
     self._lock = threading.Lock()  # rows are read in a pool's feeder thread
 
   def __call__(self, record_id: str, reason: str, detail: str = "") -> None:
+    """A skipped record."""
     if self.strict:
       raise RawDataError(record_id, reason, detail)
-    self.add(collections.Counter({reason: 1}))
+    self.add([_entry(record_id, reason, detail, image=False)])
 
-  def add(self, counts: collections.Counter) -> None:
+  def image(self, image_id: str, reason: str, detail: str = "") -> None:
+    """An image dropped from a document that is kept."""
+    if self.strict:
+      raise RawDataError(image_id, reason, detail)
+    self.add([_entry(image_id, reason, detail, image=True)])
+
+  def add(self, entries: list[dict]) -> None:
     with self._lock:
-      self.counts.update(counts)
+      for e in entries:
+        (self.image_counts if "image" in e else self.counts)[e["reason"]] += 1
+        if self._log is not None:
+          self._log.write(json.dumps(e) + "\n")
+        else:
+          self.entries.append(e)
+
+  @property
+  def records(self) -> int:
+    """Records skipped."""
+    return sum(self.counts.values())
 
   def as_dict(self) -> dict:
     return dict(sorted(self.counts.items()))
+
+  def images_as_dict(self) -> dict:
+    return dict(sorted(self.image_counts.items()))
+
+
+def _entry(record_id: str, reason: str, detail: str, *, image: bool) -> dict:
+  where = location(record_id)
+  if not image:
+    where.pop("image", None)
+  return {"id": record_id, **where, "reason": reason, "detail": detail}
 
 
 class BadRecord(Exception):
@@ -95,7 +148,9 @@ def encode_image(data: bytes, *, max_size: int = 0, fmt: str = "jpeg", quality: 
       im.load()
       im = im.convert("RGB")
   except Exception as e:  # PIL raises many types for bad data
-    raise BadRecord("image_corrupt", f"{type(e).__name__}: {e}") from None
+    # (without PIL's "<_io.BytesIO object at 0x...>": the same detail in every process)
+    detail = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", " the data", str(e))
+    raise BadRecord("image_corrupt", f"{type(e).__name__}: {detail}") from None
   return _encode_pil(im, max_size=max_size, fmt=fmt, quality=quality)
 
 
@@ -124,6 +179,28 @@ def _read_file(path: str) -> bytes:
 
 def _resolve(path: str, base_dir: str) -> str:
   return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+def image_dirs(table_path: str, images_dir: str | None) -> tuple[str, ...]:
+  """Where a table's relative image paths are looked up, in order: `images_dir` when
+  given; else the table's folder, then the `images/` folder next to it."""
+  if images_dir:
+    return (images_dir,)
+  here = os.path.dirname(table_path)
+  return (here, os.path.join(here, "images"))
+
+
+def _read_image(name: str, dirs: tuple[str, ...]) -> bytes:
+  """The bytes of image `name` (absolute, or relative to the first of `dirs` holding it)."""
+  if os.path.isabs(name):
+    return _read_file(name)
+  for d in dirs:
+    path = os.path.join(d, name)
+    if os.path.isfile(path):
+      return _read_file(path)
+  raise BadRecord("image_missing", f"{name!r} not found; looked in " +
+                  ", ".join(os.path.join(d, "") for d in dirs) +
+                  ("" if len(dirs) == 1 else " (set --images-dir for another folder)"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,8 +300,8 @@ def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = Non
               sim_threshold: float = 0.24, one_to_one: bool = True, max_image_size: int = 0,
               image_format: str = "jpeg", num_workers: int = 0) -> Iterator[dict]:
   """MMC4 documents (jsonl shards): `text_list`, `image_info` [{`matched_text_index`,
-  `matched_sim`, and `image_name` (relative to images_dir, default: the shard's folder)
-  or `image_base64`}], optionally `similarity_matrix` [images][sentences].
+  `matched_sim`, and `image_name` (relative to images_dir; default: the shard's folder
+  or the `images/` folder next to it) or `image_base64`}], optionally `similarity_matrix` [images][sentences].
 
   Images are placed before a sentence by `interleaved.assign_images_to_sentences`
   (OpenFlamingo's recipe: one-to-one Hungarian matching, kept when the similarity is
@@ -233,9 +310,9 @@ def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = Non
   (reason image_unmatched)."""
   def rows(skip):
     for path in expand_inputs(inputs, ("jsonl", "json")):
-      base = images_dir or os.path.dirname(path)
+      dirs = image_dirs(path, images_dir)
       for rid, doc in _jsonl_rows(path, skip):
-        yield rid, (doc, base)
+        yield rid, (doc, dirs)
   return records(rows, functools.partial(
       _mmc4_doc, sim_threshold=sim_threshold, one_to_one=one_to_one,
       max_image_size=max_image_size, image_format=image_format), skip, num_workers)
@@ -244,7 +321,7 @@ def read_mmc4(inputs, *, images_dir: str | None = None, skip: Skips | None = Non
 def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
               image_format) -> dict:
   from flamingo_jax.data.interleaved import assign_images_to_sentences
-  doc, base = item
+  doc, dirs = item
   sentences, infos = doc.get("text_list"), doc.get("image_info")
   if not isinstance(sentences, list) or not isinstance(infos, list):
     raise BadRecord("missing_field", "needs lists 'text_list' and 'image_info'")
@@ -254,6 +331,13 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
     raise BadRecord("empty_text", "every sentence is empty")
   sim_matrix = doc.get("similarity_matrix")
   images, matched, sims, sim_rows = [], [], [], []
+  dropped = []  # (image id, reason, detail): counted only if the document is kept
+
+  def drop(iid, reason, detail):
+    if skip.strict:
+      skip.image(iid, reason, detail)  # raises
+    dropped.append((iid, reason, detail))
+
   for j, info in enumerate(infos):
     iid = f"{rid}: image {j}"
     try:
@@ -269,7 +353,7 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
         except (binascii.Error, TypeError, ValueError) as e:
           raise BadRecord("image_corrupt", f"bad base64: {e}") from None
       elif isinstance(info.get("image_name"), str):
-        data = _read_file(_resolve(info["image_name"], base))
+        data = _read_image(info["image_name"], dirs)
       else:
         raise BadRecord("image_missing", "neither 'image_name' nor 'image_base64'")
       encoded = encode_image(data, max_size=max_image_size, fmt=image_format)
@@ -277,7 +361,7 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
     except (BadRecord, TypeError, ValueError) as e:
       if not isinstance(e, BadRecord):
         e = BadRecord("missing_field", f"{type(e).__name__}: {e}")
-      skip(iid, e.reason, e.detail)
+      drop(iid, e.reason, e.detail)
       continue
     images.append((j, encoded))
     matched.append(t)
@@ -285,7 +369,8 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
     if isinstance(sim_matrix, list) and j < len(sim_matrix):
       sim_rows.append(sim_matrix[j])
   if not images:
-    raise BadRecord("no_usable_image", f"none of its {len(infos)} images could be used")
+    raise BadRecord("no_usable_image", _dropped_detail(
+        f"none of its {len(infos)} images could be used", dropped))
 
   similarity, from_doc = None, False
   if isinstance(sim_matrix, list) and len(sim_rows) == len(images):
@@ -302,15 +387,22 @@ def _mmc4_doc(rid, item, skip, *, sim_threshold, one_to_one, max_image_size,
   kept = [k for k, w in enumerate(where) if w is not None]
   for k, w in enumerate(where):
     if w is None:
-      skip(f"{rid}: image {images[k][0]}", "image_unmatched",
+      drop(f"{rid}: image {images[k][0]}", "image_unmatched",
            f"not placed (similarity threshold {sim_threshold}, one_to_one={one_to_one})")
   if not kept:
-    raise BadRecord("no_usable_image", "no image placed before a sentence")
+    raise BadRecord("no_usable_image", _dropped_detail("no image placed before a sentence", dropped))
+  for d in dropped:
+    skip.image(*d)
   return {"id": rid, "sentences": sentences, "images": [images[k][1] for k in kept],
           "image_sentence": np.asarray([where[k] for k in kept], np.int32),
           "image_sim": similarity[kept, np.asarray([where[k] for k in kept])].astype(np.float32),
           "similarity": (similarity[kept].reshape(-1) if from_doc
                          else np.zeros((0,), np.float32))}
+
+
+def _dropped_detail(what: str, dropped) -> str:
+  return what + "".join(f"; image {iid.rsplit(' ', 1)[-1]}: {reason} ({detail})"
+                        for iid, reason, detail in dropped)
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,24 +484,25 @@ def read_pairs(inputs, *, images_dir: str | None = None, skip: Skips | None = No
                image_fields=("image", "image_path", "file", "filename", "path"),
                caption_fields=("caption", "text"), max_image_size: int = 0,
                image_format: str = "jpeg", num_workers: int = 0) -> Iterator[dict]:
-  return records(functools.partial(_table_items, inputs, images_dir), functools.partial(
+  return records(functools.partial(_table_items, inputs, images_dir, images=True), functools.partial(
       _pair, image_fields=image_fields, caption_fields=caption_fields,
       max_image_size=max_image_size, image_format=image_format), skip, num_workers)
 
 
-def _table_items(inputs, base_dir, skip):
-  """(id, (row, the base of its relative paths)) for every row of jsonl / csv tables."""
+def _table_items(inputs, base_dir, skip, *, images=False):
+  """(id, (row, the base of its relative paths)) for every row of jsonl / csv tables;
+  with `images`, the base is the tuple of folders `image_dirs` gives."""
   for path in expand_inputs(inputs, ("jsonl", "json", "csv")):
-    base = base_dir or os.path.dirname(path)
+    base = image_dirs(path, base_dir) if images else base_dir or os.path.dirname(path)
     for rid, row in table_rows(path, skip):
       yield rid, (row, base)
 
 
 def _pair(rid, item, skip, *, image_fields, caption_fields, max_image_size, image_format):
-  row, base = item
+  row, dirs = item
   image_path = _text_field(row, tuple(image_fields))
   caption = _text_field(row, tuple(caption_fields))
-  data = _read_file(_resolve(image_path, base))
+  data = _read_image(image_path, dirs)
   return {"id": rid, "image": encode_image(data, max_size=max_image_size, fmt=image_format),
           "caption": caption}
 
@@ -504,8 +597,8 @@ def records(rows, make_record, skip: Skips | None, num_workers: int) -> Iterator
   work = functools.partial(_record_in_worker, make_record, skip.strict)
   # spawn: the parent may hold threads (the pool's own, TFDS's) that fork would copy.
   with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-    for record, counts, failure in pool.imap(work, rows(skip), chunksize=4):
-      skip.add(counts)
+    for record, entries, failure in pool.imap(work, rows(skip), chunksize=4):
+      skip.add(entries)
       if failure is not None:
         skip(*failure)  # strict: raises here, naming the record
       else:
@@ -516,11 +609,11 @@ def _record_in_worker(make_record, strict: bool, row):
   rid, item = row
   skip = Skips(strict)
   try:
-    return make_record(rid, item, skip), skip.counts, None
+    return make_record(rid, item, skip), skip.entries, None
   except RawDataError as e:  # strict, inside the record (an MMC4 document's image)
-    return None, skip.counts, (e.record_id, e.reason, e.detail)
+    return None, skip.entries, (e.record_id, e.reason, e.detail)
   except BadRecord as e:
-    return None, skip.counts, (rid, e.reason, e.detail)
+    return None, skip.entries, (rid, e.reason, e.detail)
 
 
 READERS = {"mmc4": read_mmc4, "webdataset": read_webdataset, "pairs": read_pairs,
