@@ -162,7 +162,8 @@ def check_arguments(kind: str, inputs, output: str, *, tokenizer: str | None = N
     try:
       raw.expand_inputs(inputs, INPUT_EXTS[kind])
     except FileNotFoundError as e:
-      raise PrepareError(f"--input: {e}; give existing files, folders or globs of "
+      message = str(e).removeprefix("input ")
+      raise PrepareError(f"--input: {message}; give existing files, folders or globs of "
                          f"{' / '.join(INPUT_EXTS[kind])} files") from None
   for name, flag in (("images_dir", "--images-dir"), ("videos_dir", "--images-dir")):
     d = reader_options.get(name)
@@ -219,7 +220,7 @@ def prepare(kind: str, inputs, output: str, *, tokenizer: str | None = None,
 
   from tqdm import tqdm
   bar = tqdm(desc=f"prepare {kind}", unit=" records", file=sys.stderr, disable=not progress,
-             dynamic_ncols=True)
+             bar_format="{desc}: {n_fmt} records read [{elapsed}, {rate_noinv_fmt}{postfix}]")
 
   def show():
     bar.update(kept + skips.records - bar.n)
@@ -240,7 +241,8 @@ def prepare(kind: str, inputs, output: str, *, tokenizer: str | None = None,
 
   ok = False
   try:
-    stream = counted(readers()[kind](inputs, skip=skips, num_workers=num_workers, **reader_options))
+    read = raw.READERS.get(kind) or readers()[kind]  # (tfds_source imports take seconds)
+    stream = counted(read(inputs, skip=skips, num_workers=num_workers, **reader_options))
     first = next(stream, None)  # before TFDS: it cannot write an empty split
     if first is None:
       show()
