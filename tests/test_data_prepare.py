@@ -475,3 +475,174 @@ def test_sources_build_prepared(datasets, tokenizer_dir):
     sources.build("laion", dict(cfg, kind="mmc5"), seed=0)
   synthetic = sources.build("toy", dict(source="synthetic", batch_size=2), seed=0)
   assert next(synthetic)["images"].shape[0] == 2
+
+
+# ---------------------------------------------------------------------------------------
+# prepare: the skipped list, the summary's arithmetic, errors before anything is written.
+
+def skipped_list(out, kind):
+  with open(os.path.join(out, f"flamingo_{kind}", "skipped.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def where(entry) -> tuple:
+  """(file name, line or member[, image]) of a skipped.jsonl entry."""
+  place = entry["line"] if "line" in entry else entry["member"]
+  return (os.path.basename(entry["file"]), place) + ((entry["image"],) if "image" in entry else ())
+
+
+def test_skipped_list_names_every_skipped_record(tmp_path):
+  out = str(tmp_path / "out")
+  summary = prepare.prepare("pairs", make_pairs(tmp_path / "raw"), out)
+  entries = skipped_list(out, "pairs")
+  assert summary["skipped_list"] == os.path.join(out, "flamingo_pairs", "skipped.jsonl")
+  assert {where(e): e["reason"] for e in entries} == {
+      ("pairs.jsonl", 5): "image_missing", ("pairs.jsonl", 6): "image_corrupt",
+      ("pairs.jsonl", 7): "empty_text", ("pairs.jsonl", 8): "missing_field",
+      ("pairs.jsonl", 9): "invalid_utf8", ("pairs.jsonl", 10): "bad_json",
+      ("pairs.csv", 6): "image_missing", ("pairs.csv", 7): "bad_csv"}
+  assert len(entries) == sum(summary["skipped"].values())
+  for e in entries:
+    assert e["detail"] and e["id"] == f"{e['file']}:{e['line']}" and e["file"].startswith(str(tmp_path))
+  # Tar members by key.
+  prepare.prepare("webdataset", make_webdataset(tmp_path / "wds"), out)
+  assert {where(e): e["reason"] for e in skipped_list(out, "webdataset")} == {
+      ("shard-000.tar", "s/050"): "missing_caption", ("shard-000.tar", "s/051"): "missing_image",
+      ("shard-000.tar", "s/052"): "image_corrupt", ("shard-001.tar", "s/053"): "invalid_utf8"}
+  # MMC4: skipped documents, and the images dropped inside kept ones (with their index).
+  docs, images = make_mmc4(tmp_path / "mmc4")
+  prepare.prepare("mmc4", docs, out, images_dir=images)
+  entries = {where(e): e for e in skipped_list(out, "mmc4")}
+  assert {k: e["reason"] for k, e in entries.items()} == {
+      ("docs.jsonl", 5): "no_usable_image", ("docs.jsonl", 6): "empty_text",
+      ("docs.jsonl", 8): "invalid_utf8",
+      ("docs.jsonl", 3, 1): "text_index_out_of_range", ("docs.jsonl", 4, 1): "image_missing",
+      ("docs.jsonl", 4, 2): "image_corrupt", ("docs.jsonl", 7, 1): "image_unmatched",
+      ("docs.jsonl", 7, 2): "image_unmatched"}
+  # The skipped document says what happened to its image.
+  assert "image 0: image_missing" in entries[("docs.jsonl", 5)]["detail"]
+  assert "nope.jpg" in entries[("docs.jsonl", 4, 1)]["detail"]
+
+
+def test_summary_counts_records(tmp_path):
+  """kept + the sum of skipped = the records read (lines of the tables, keys of the
+  shards, documents), for every kind; mmc4's dropped images are apart."""
+  docs, images = make_mmc4(tmp_path / "mmc4")
+  cases = {"pairs": (make_pairs(tmp_path / "pairs"), {}, 10 + 6),  # 10 jsonl lines, 6 csv rows
+           "webdataset": (make_webdataset(tmp_path / "wds"), {}, 10),  # 10 keys
+           "mmc4": (docs, {"images_dir": images}, 8),  # 8 documents
+           "video": (make_video(tmp_path / "video"), {}, 6)}
+  for kind, (inputs, options, records) in cases.items():
+    s = prepare.prepare(kind, inputs, str(tmp_path / "out"), **options)
+    assert s["read"] == records and s["kept"] + sum(s["skipped"].values()) == records, (kind, s)
+    on_disk = json.load(open(tmp_path / "out" / f"summary_{kind}.json"))
+    assert on_disk == {k: v for k, v in s.items() if k not in ("path", "skipped_list")}
+    assert len(prepared.PreparedDataset(s["path"], kind)) == s["kept"]
+    assert ("dropped_images" in s) == (kind == "mmc4")
+  assert s["kept"] == 4  # (video, the last case)
+
+
+def run_main(capsys, *argv):
+  code = prepare.main([str(a) for a in argv] + ["--no-progress"])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_a_run_that_keeps_nothing_fails_with_its_summary(tmp_path, capsys):
+  d = tmp_path / "raw"
+  write(f"{d}/pairs.jsonl", jsonl([{"image": "gone.jpg", "caption": "x"}, {"image": "gone.jpg"},
+                                   b"{not json"]))
+  out = tmp_path / "out"
+  with pytest.raises(prepare.NothingKept, match="^nothing kept: all 3 records read were skipped") as e:
+    prepare.prepare("pairs", f"{d}/pairs.jsonl", str(out))
+  assert e.value.summary == {"read": 3, "kept": 0, "skipped": {
+      "image_missing": 1, "missing_field": 1, "bad_json": 1}}
+  code, stdout, stderr = run_main(capsys, "pairs", "--input", f"{d}/pairs.jsonl", "--output", out,
+                                  "--overwrite")
+  assert code == 1
+  assert json.loads(stdout.strip().splitlines()[-1]) == e.value.summary
+  assert stderr.count("\n") == 1 and stderr.startswith("prepare: error: nothing kept"), stderr
+  assert "skipped.jsonl" in stderr and "AssertionError" not in stderr
+  # No dataset (nor TFDS leftovers); the summary and the list of what was skipped stay.
+  left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+  assert left == ["flamingo_pairs", "flamingo_pairs/skipped.jsonl", "summary_pairs.json"], left
+  assert len(skipped_list(out, "pairs")) == 3
+  # An empty input: nothing read.
+  write(f"{d}/empty.jsonl", "")
+  with pytest.raises(prepare.NothingKept, match="no records in"):
+    prepare.prepare("pairs", f"{d}/empty.jsonl", str(tmp_path / "out2"))
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--input", "{raw}/absent.jsonl"], "--input"),
+    (["--input", "{raw}/*.nothing"], "--input"),
+    (["--input", "{raw}/pairs.jsonl", "--images-dir", "{raw}/no_such_dir"], "--images-dir"),
+    (["--input", "{raw}/pairs.jsonl", "--tokenizer", "{raw}/no_tokenizer"], "--tokenizer"),
+    (["--input", "{raw}/pairs.jsonl", "--num-workers", "-1"], "--num-workers"),
+    (["--input", "{raw}/pairs.jsonl", "--max-image-size", "-3"], "--max-image-size"),
+    (["--input", "{raw}/pairs.jsonl", "--num-workers", "two"], "--num-workers"),  # argparse's
+    (["--input", "{raw}/pairs.jsonl", "--image-format", "gif"], "--image-format"),
+])
+def test_mistakes_are_one_line_before_anything_is_written(tmp_path, capsys, args, flag):
+  raw_dir = tmp_path / "raw"
+  make_pairs(raw_dir)
+  out = tmp_path / "out"
+  code, stdout, stderr = run_main(capsys, "pairs", *[a.format(raw=raw_dir) for a in args],
+                                  "--output", out)
+  assert code == 2, stderr
+  assert stderr.count("\n") == 1 and stderr.startswith("prepare: error: "), stderr
+  assert flag in stderr and "Traceback" not in stderr and not stdout
+  assert not out.exists()  # nothing created
+
+
+def test_an_existing_dataset_needs_overwrite(tmp_path, capsys):
+  inputs = make_pairs(tmp_path / "raw")
+  out = tmp_path / "out"
+  assert run_main(capsys, "pairs", "--input", *inputs, "--output", out)[0] == 0
+  before = sorted(p.stat().st_mtime_ns for p in out.rglob("*"))
+  code, _, stderr = run_main(capsys, "pairs", "--input", *inputs, "--output", out)
+  assert code == 2 and "--output" in stderr and "--overwrite" in stderr, stderr
+  assert sorted(p.stat().st_mtime_ns for p in out.rglob("*")) == before  # untouched
+  assert run_main(capsys, "pairs", "--input", *inputs, "--output", out, "--overwrite")[0] == 0
+  code, _, stderr = run_main(capsys, "nokind", "--input", *inputs, "--output", out)
+  assert code == 2 and stderr.count("\n") == 1 and "nokind" in stderr, stderr
+
+
+def test_no_temporary_folders_are_left(tmp_path):
+  inputs = make_pairs(tmp_path / "raw")
+  out = tmp_path / "out"
+  prepare.prepare("pairs", inputs, str(out))
+  names = [p.name for p in out.rglob("*")]
+  assert not [n for n in names if "incomplete" in n or "tmp" in n.lower() or n == "downloads"], names
+  with pytest.raises(raw.RawDataError):  # a failed run leaves nothing at all
+    prepare.prepare("pairs", inputs, str(tmp_path / "strict"), strict=True)
+  assert not (tmp_path / "strict").exists()
+
+
+def test_relative_images_beside_the_table_or_in_images(tmp_path):
+  """Without --images-dir, `a.jpg` is found beside the jsonl or in images/ next to it;
+  a missing one's detail names both places."""
+  d = tmp_path / "raw"
+  write(f"{d}/0.jpg", jpeg(0))
+  write(f"{d}/images/1.jpg", jpeg(1))
+  write(f"{d}/images/sub/2.jpg", jpeg(2))
+  write(f"{d}/pairs.jsonl", jsonl([{"image": "0.jpg", "caption": caption(0)},
+                                   {"image": "1.jpg", "caption": caption(1)},
+                                   {"image": "sub/2.jpg", "caption": caption(2)},
+                                   {"image": "3.jpg", "caption": caption(3)}]))
+  out = str(tmp_path / "out")
+  s = prepare.prepare("pairs", f"{d}/pairs.jsonl", out)
+  assert s["kept"] == 3 and s["skipped"] == {"image_missing": 1}
+  assert sorted(id_of_image_bytes(r["image"]) for r in read_all(out, "pairs")) == [0, 1, 2]
+  [missing] = skipped_list(out, "pairs")
+  assert where(missing) == ("pairs.jsonl", 4)
+  assert f"looked in {d}/, {d}/images/" in missing["detail"], missing["detail"]
+  assert "--images-dir" in missing["detail"]
+  # Given --images-dir, only there.
+  s = prepare.prepare("pairs", f"{d}/pairs.jsonl", out, overwrite=True, images_dir=f"{d}/images")
+  assert s["kept"] == 2
+  assert any(f"looked in {d}/images/" in e["detail"] and "0.jpg" in e["detail"]
+             for e in skipped_list(out, "pairs"))
+  # MMC4's image_name the same way: make_mmc4 puts the images in images/ next to docs.jsonl.
+  docs, images = make_mmc4(tmp_path / "mmc4")
+  assert prepare.prepare("mmc4", docs, str(tmp_path / "m1"))["kept"] == 5
