@@ -30,6 +30,8 @@ counts records only (so kept + its sum = the records read); for mmc4, image_miss
 image_corrupt, missing_field, image_unmatched and text_index_out_of_range of images
 dropped from a kept document are in `Skips.image_counts`, and a document left with no
 image is one `no_usable_image` record whose detail says what happened to each image.
+A tar shard that breaks midway (tar_error) and a csv whose header is not UTF-8 count as
+one record each: what follows them is not read.
 """
 import base64
 import binascii
