@@ -3,6 +3,7 @@
     python benchmarks/generate.py [--batch-sizes 1,16] [--modes greedy,beam3] [--repeats 3]
         [--prompt-tokens 256] [--images 4] [--new-tokens 20] [--threads N]
         [--shape small|openflamingo_3b] [--dtype float32|bfloat16] [--no-reference]
+        [--layout unscanned|scanned]
         [--peak-bandwidth-gbs GB/s]
 
 One model, two frameworks. `small`: an open_clip CLIP ViT (width 384, 6 layers, head
@@ -26,6 +27,13 @@ decode_step = (time - that) / (new tokens - 1). Bytes read per decode step ≈ t
 xattn weights (the xattn K/V projections excluded: their outputs are cached) + the
 self-attention KV cache + the cached visual K/V, all at their stored size; divided by
 decode_step that is the achieved bandwidth (and its fraction of --peak-bandwidth-gbs).
+
+Two bounds on the speedup, both measured: `speedup_bound_free_decode`, open_flamingo's
+whole call over ours with one new token (what ours would reach if every later step were
+free), and, on CPU, `speedup_bound_compute`, open_flamingo's whole call over the prompt's
+forward FLOPs (vision tower, resampler, LM over the prompt; XLA's cost model) at this
+machine's measured fp32 matmul rate: what no implementation of the same model can beat
+while it encodes the images and reads the prompt once.
 
 `--no-reference` times ours only, with random weights initialised in JAX from a
 FlamingoConfig (no torch); `--shape openflamingo_3b` (CLIP ViT-L/14, MPT-1B, xattn every
@@ -327,16 +335,14 @@ def decode_bytes(model, params, rows: int, prompt_len: int, new: int, images: in
   kv_proj = [k for k in weights
              if "xattn" in k and "'attn'" in k and ("'key'" in k or "'value'" in k)]
   size = model.config.vision.image_size
-  cache = jax.eval_shape(
+  st = jax.eval_shape(
       lambda p, i, t: state.prefill(model, p, images=i, input_ids=t,
                                     attention_mask=jnp.ones_like(t),
-                                    cache_size=prompt_len + new - 1)[1].cache,
+                                    cache_size=prompt_len + new - 1)[1],
       params, jax.ShapeDtypeStruct((rows, images, 1, size, size, 3), model.config.compute_dtype),
       jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32))
-  paths = named(cache)
-  visual = nbytes([x for k, x in paths.items() if "xattn" in k])
   return dict(weights=nbytes(list(weights.values())) - nbytes([weights[k] for k in kv_proj]),
-              kv_cache=nbytes(list(paths.values())) - visual, visual_kv=visual)
+              kv_cache=nbytes(st.cache), visual_kv=nbytes(st.media_cache))
 
 
 def side_summary(first: float, times: list, tokens: np.ndarray, batch: int, new: int,
@@ -349,6 +355,17 @@ def side_summary(first: float, times: list, tokens: np.ndarray, batch: int, new:
               stop_token_produced=bool((tokens == ids["eoc"]).any()),
               image_token_produced=bool((tokens == ids["image"]).any()),
               distinct_tokens_per_row=[len(set(row)) for row in tokens.tolist()])
+
+
+def prompt_flops(model, images_shape, ids_shape) -> float:
+  """Forward FLOPs of the images (vision tower, resampler) and the prompt through the LM,
+  from XLA's cost model (flamingo_jax.train.flops), once per prompt (beams not counted)."""
+  import jax
+  import jax.numpy as jnp
+  from flamingo_jax.train.flops import forward_flops
+  batch = dict(images=jax.ShapeDtypeStruct(images_shape, jnp.float32),
+               input_ids=jax.ShapeDtypeStruct(ids_shape, jnp.int32))
+  return float(sum(forward_flops(model, batch).values()))
 
 
 def decode_summary(a, ctx, rows: int, seconds: float, one_token: float) -> dict:
@@ -421,6 +438,14 @@ def bench_case(a, ctx, batch: int, mode: str) -> dict:
     result["one_token_speedup"] = round(t["one_token_s"] / o["one_token_s"], 3)
     if o["decode_step_ms"] and t["decode_step_ms"] > 0:
       result["decode_step_speedup"] = round(t["decode_step_ms"] / o["decode_step_ms"], 3)
+    # What no decode loop can beat: open_flamingo's whole call over ours with one token
+    # (images, prefill and the first token as measured), and over the prompt's FLOPs
+    # at this machine's measured matmul rate (images and prefill only).
+    result["speedup_bound_free_decode"] = round(t["median_s"] / o["one_token_s"], 3)
+    if "matmul_flops" in ctx:
+      flops = prompt_flops(ctx["model"], images.shape, ids.shape)
+      result["prompt_gflop"] = round(flops / 1e9, 2)
+      result["speedup_bound_compute"] = round(t["median_s"] / (flops / ctx["matmul_flops"]), 3)
     result["tokens_equal"] = bool(np.array_equal(ours_t, theirs_t))
     result["rows_equal"] = [bool(np.array_equal(x, y)) for x, y in zip(ours_t, theirs_t)]
   report(result)
@@ -441,7 +466,9 @@ def report(r: dict) -> None:
     line += (f" | open_flamingo {t['tokens_per_s']:>8.1f} tok/s {t['ms_per_token']:>8.1f} ms/tok"
              f" (1 token {t['one_token_s']:.3f} s, decode step {t['decode_step_ms']} ms)"
              f" | speedup {r['speedup']:.2f}x (1 token {r['one_token_speedup']:.2f}x, decode "
-             f"step {r.get('decode_step_speedup')}x), tokens equal: {r['tokens_equal']}")
+             f"step {r.get('decode_step_speedup')}x), tokens equal: {r['tokens_equal']}"
+             f" | bound: {r['speedup_bound_free_decode']:.2f}x with free decoding, "
+             f"{r.get('speedup_bound_compute')}x at the matmul peak")
     if not r["tokens_equal"]:
       line += f" (rows equal: {r['rows_equal']})"
   log(line)
@@ -518,6 +545,9 @@ def parse(argv=None):
                  help="ours only, weights initialised in JAX")
   p.add_argument("--shape", choices=list(SHAPES), default="small")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--layout", choices=["unscanned", "scanned"], default="unscanned",
+                 help="the LM's layer groups: split (FlamingoConfig.scan_layers=False, as the "
+                      "generate and eval commands decode) or one scanned stack")
   p.add_argument("--peak-bandwidth-gbs", type=float, default=None,
                  help="the device's peak memory bandwidth (H200: 4800)")
   a = p.parse_args(argv)
@@ -542,12 +572,20 @@ def main(argv=None):
   import jax
   start = time.perf_counter()
   ctx = setup(a)
+  if a.layout == "unscanned":  # what the generate and eval commands decode with
+    from flamingo_jax.model import unscanned
+    ctx["model"], ctx["params"] = unscanned(ctx["model"], ctx["params"])
   info = machine(threads, not a.no_reference)
+  if jax.devices()[0].platform == "cpu":  # the compute bound below needs the machine's rate
+    from flamingo_jax.train.flops import measure_matmul_flops
+    ctx["matmul_flops"] = max(measure_matmul_flops(jax.devices()[0]) for _ in range(3))
+    info["matmul_gflops_measured"] = round(ctx["matmul_flops"] / 1e9, 1)
   log(f"{a.shape} model ({a.dtype}) ready in {time.perf_counter() - start:.1f} s; "
       f"{threads} threads; jax {jax.__version__} on {info['jax_devices']}")
   results = [bench_case(a, ctx, b, m) for b in a.batch_sizes for m in a.modes]
   out = dict(benchmark="generate", command=shlex.join([sys.executable, *sys.argv]),
-             machine=info, shape=a.shape, dtype=a.dtype, reference=not a.no_reference,
+             machine=info, shape=a.shape, dtype=a.dtype, layout=a.layout,
+             reference=not a.no_reference,
              repeats=a.repeats, params=param_count(ctx["params"]), results=results,
              total_s=round(time.perf_counter() - start, 1))
   print(json.dumps(out), flush=True)

@@ -242,6 +242,11 @@ class FlamingoConfig:
   dtype: str = "float32"  # activations
   param_dtype: str = "float32"
   remat_policy: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+  # False: the LM's layer groups are separate modules `group_0`, ... instead of one
+  # scanned stack `groups` (lm/decoder.py `unstack_groups` converts). For decoding: a
+  # decode step inside a while loop that slices stacked weights copies every slice at
+  # every step on backends that do not fuse the slice into the matmul (XLA:CPU does not).
+  scan_layers: bool = True
 
   def check(self):
     for name in ("vision", "resampler", "lm", "xattn"):

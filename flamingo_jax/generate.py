@@ -81,8 +81,10 @@ def prepare(a):
   """(model, params, tokenizer, batch dict) from the checked arguments."""
   from flamingo_jax.decoding import prompts
   from flamingo_jax.load_model import load_model
+  from flamingo_jax.model import unscanned
 
   model, params, tokenizer, preprocessing = load_model(a.model, tokenizer=a.tokenizer)
+  model, params = unscanned(model, params)  # the layout that decodes fastest
   max_seq_len = model.config.lm.max_seq_len
   budget = max_seq_len - a.max_new_tokens
   if budget < 1:

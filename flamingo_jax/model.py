@@ -4,6 +4,8 @@ The call is split so decoding can reuse work: `encode_media` runs once per set o
 images, `lm_logits` runs the LM over tokens given the resampled visual tokens (a forward
 pass, or a decoding step through the KV cache). `__call__` is both, for training.
 """
+import dataclasses
+
 import flax.linen as nn
 import jax
 
@@ -55,3 +57,15 @@ class Flamingo(nn.Module):
     return self.lm_logits(input_ids, attention_mask, media=media, media_index=media_index,
                           media_mask=media_mask, positions=positions, cached=cached,
                           logits_at=logits_at)
+
+
+def unscanned(model: Flamingo, params: dict) -> tuple[Flamingo, dict]:
+  """(model, params) in the layout that decodes fastest: `scan_layers=False`, the LM's
+  stacked groups split per group (FlamingoConfig.scan_layers). The split copies the LM's
+  weights: call it right after loading and drop the scanned params."""
+  if not model.config.scan_layers:
+    return model, params
+  from flamingo_jax.lm.decoder import unstack_groups
+  params = dict(params)
+  params["lm"] = unstack_groups(params.pop("lm"))
+  return Flamingo(dataclasses.replace(model.config, scan_layers=False)), params

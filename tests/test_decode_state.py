@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from flamingo_jax.decoding import state as decode_state
+from flamingo_jax.model import unscanned
 from tests.decode_models import CASES, batch, make_config, model_and_params
 from tests.parity import relative_error
 
@@ -32,6 +33,9 @@ def test_prefill_and_extends_equal_the_forward_pass(family, placement):
                                          positions=positions))
 
   cache_size = t0 + new.shape[1] + 3  # spare slots stay masked
+  if placement == "first":  # these cases decode in the unscanned layout (scan_layers=False)
+    model, params = unscanned(model, params)
+    assert "group_1" in params["lm"] and "groups" not in params["lm"]
   prefill = jax.jit(functools.partial(decode_state.prefill, model, cache_size=cache_size))
   logits, st = prefill(params, images=images, input_ids=ids, attention_mask=mask,
                        logits_at=jnp.broadcast_to(jnp.arange(t0), (b, t0)))
@@ -107,6 +111,9 @@ def test_following_beams_equals_decoding_each_history():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+_VIEWS = ("parameter", "get-tuple-element", "tuple", "bitcast")  # no data written
+
+
 def _while_bodies(hlo: str) -> tuple[dict, set]:
   """Optimised HLO text → ({computation: its lines}, the names of while-loop bodies)."""
   comps, name = {}, None
@@ -141,7 +148,7 @@ def test_decode_loop_writes_the_cache_in_place():
   for body in bodies:
     for line in comps[body]:
       m = re.match(r"(?:ROOT )?%\S+ = \w+" + re.escape(stacked) + r"\S* ([\w\-]+)\(", line)
-      if not m or m.group(1) in ("parameter", "get-tuple-element", "tuple", "bitcast"):
+      if not m or m.group(1) in _VIEWS:
         continue
       called = re.search(r"calls=%([\w.\-]+)", line)
       fused = comps[called.group(1)] if called else []
@@ -152,3 +159,30 @@ def test_decode_loop_writes_the_cache_in_place():
       assert update and (update.group(1), one_slot) in shapes, f"a full-cache op: {line[:200]}"
       writes += 1
   assert writes == 2 * config.xattn.every  # one per stacked leaf: key, value of each layer
+
+
+def _greedy_program_hlo(model, params, ids, mask, images) -> str:
+  settings = dict(max_new_tokens=4, num_beams=1, length_penalty=1.0, do_sample=False,
+                  temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=(1,), pad_token_id=1)
+  program = generate_module._compiled(model.config, tuple(sorted(settings.items())), False, ())
+  return program.lower(params, images, ids, mask, None, None).compile().as_text()
+
+
+def test_unscanned_decode_loop_copies_no_weights():
+  """In the unscanned layout the decode loop reads every LM weight where it lies: no
+  instruction in a loop body outputs a buffer of an LM matrix's shape (a scanned stack
+  sliced inside the loop is copied so on XLA:CPU)."""
+  config = make_config("llama", "first")
+  model, params = unscanned(*model_and_params(config))
+  ids, mask, images = batch(config)
+  comps, bodies = _while_bodies(_greedy_program_hlo(model, params, ids, mask, images))
+  shapes = {"[" + ",".join(map(str, x.shape)) + "]" for x in jax.tree.leaves(params["lm"])
+            if x.ndim == 2 and min(x.shape) > 8}
+  assert shapes
+  for body in bodies:
+    for line in comps[body]:
+      m = re.match(r"(?:ROOT )?%\S+ = \w+(\[[\d,]*\])\S* ([\w\-]+)\(", line)
+      lm = "lm_logits" in line and "encode_media" not in line  # the vision tower scans
+      assert not (m and lm and m.group(1) in shapes and m.group(2) not in _VIEWS), (
+          f"a weight-sized buffer: {line[:200]}")

@@ -12,6 +12,8 @@ Parameter layout (what `stack_layers` builds from per-layer trees):
   groups/layer_{k}/...   leading axis = group index   (HF layer g * every + k)
   groups/xattn/...       leading axis = group index
   tail/layer_{k}/..., tail/xattn/...                  (only when a tail exists)
+With `scan_layers=False` (decoding) `groups` is replaced by group_{g}/layer_{k}/... and
+group_{g}/xattn/..., one unstacked tree per group (`unstack_groups`).
 """
 import dataclasses
 from typing import Any
@@ -90,6 +92,17 @@ def stack_layers(config: FlamingoConfig, layers: list[dict], xattn: list[dict] |
       tail["xattn"] = xattn[-1]
     out["tail"] = tail
   return out
+
+
+def unstack_groups(lm_params: dict) -> dict:
+  """The LM's params in the scanned layout (`groups`, leading axis = group) → the layout of
+  `scan_layers=False` (`group_0`, `group_1`, ...)."""
+  params = dict(lm_params)
+  if "groups" in params:
+    groups = params.pop("groups")
+    n = jax.tree.leaves(groups)[0].shape[0]
+    params.update({f"group_{g}": jax.tree.map(lambda x: x[g], groups) for g in range(n)})
+  return params
 
 
 class LayerGroup(nn.Module):
@@ -174,7 +187,10 @@ class DecoderLM(nn.Module):
     group = LayerGroup
     if c.remat_policy != "none" and cached is None:
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-    if lay.num_groups:
+    if lay.num_groups and not c.scan_layers:
+      for g in range(lay.num_groups):
+        x, _ = LayerGroup(c, lay.group_size, xattn_at, name=f"group_{g}")(x, *args)
+    elif lay.num_groups:
       scanned = scan(group, variable_axes={"params": 0, CACHE: 0, CACHE_UPDATE: 0, MEDIA_CACHE: 0},
                      split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(args),
                      length=lay.num_groups, metadata_params={nn.PARTITION_NAME: "layers"})
