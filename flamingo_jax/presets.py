@@ -168,11 +168,12 @@ def paper_data(source: str = "random", batch_sizes: dict | None = None) -> dict:
 
 def openflamingo_data() -> dict:
   """OpenFlamingo's mixture: MMC4 (256 tokens, up to 6 images, weight 1) and LAION-2B pairs
-  (32 tokens, weight 0.2), with its labelling rules and CLIP preprocessing. The batch sizes
+  (32 tokens, weight 0.2; as webdataset shards, OpenFlamingo's format), with its labelling
+  rules and CLIP preprocessing. The kinds fix the batch shapes (train_compile.py). The batch sizes
   are a starting point for a pod, not theirs (theirs were per GPU)."""
   prepared = lambda **kw: dict(source="prepared", path="", tokenizer="", rules="openflamingo",
                                image_mode="clip", image_size=224, **kw)
   return dict(
-      mmc4=prepared(batch_size=512, weight=1.0, seq_len=256, max_images=6),
-      laion=prepared(batch_size=1024, weight=0.2, seq_len=32),
+      mmc4=prepared(batch_size=512, weight=1.0, seq_len=256, max_images=6, kind="mmc4"),
+      laion=prepared(batch_size=1024, weight=0.2, seq_len=32, kind="webdataset"),
   )
