@@ -475,6 +475,13 @@ def test_sources_build_prepared(datasets, tokenizer_dir):
     sources.build("laion", dict(cfg, kind="mmc5"), seed=0)
   synthetic = sources.build("toy", dict(source="synthetic", batch_size=2), seed=0)
   assert next(synthetic)["images"].shape[0] == 2
+  # The shapes train_compile.py compiles for, from the config alone, are the batches'
+  # (global: two processes' shares), for every kind.
+  for kind in ("webdataset", "mmc4", "video"):
+    c = dict(cfg, kind=kind, path=os.path.dirname(os.path.dirname(datasets[kind])))
+    local = next(sources.build("x", c, seed=0, process_index=0, process_count=2))
+    assert sources.batch_shapes("x", c, None) == {
+        k: ((2 * v.shape[0],) + v.shape[1:], v.dtype) for k, v in local.items()}, kind
 
 
 # ---------------------------------------------------------------------------------------
