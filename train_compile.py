@@ -140,6 +140,19 @@ def run(config, topology_name: str) -> dict:
   return summary
 
 
+def _error(message: str):
+  print(f"train_compile: error: {'; '.join(str(message).splitlines())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parse, but a bad --config file or --config.FIELD override is one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    _error(f"{type(e).__name__}: {e}" if not isinstance(e, flags.Error) else e)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)
@@ -148,11 +161,10 @@ def main(argv):
       raise ConfigError("--config and --topology are required, e.g. --config "
                         "configs/flamingo_3b.py --topology v4:4x4x4")
     summary = run(_CONFIG.value, _TOPOLOGY.value)
-  except (ConfigError, topology_lib.TopologyError, ValueError) as e:  # ours name the field
-    print(f"train_compile: error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
-    sys.exit(2)
+  except (ConfigError, topology_lib.TopologyError, ValueError, OSError) as e:  # ours name the field
+    _error(e)
   print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

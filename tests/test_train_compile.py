@@ -82,9 +82,12 @@ def test_a_step_too_big_for_the_chip_does_not_fit():
     (["--topology", "v6:2x2"], "GENERATION:AxBxC"),
     (["--topology", "v4:2x2x1", "--config.mesh.tensor=3"], "mesh"),
     (["--topology", "v4:2x2x1", "--config.data.synthetic.batch_size=6"], "data.synthetic.batch_size"),
+    (["--topology", "v4:2x2x1", "--config.model.lm.no_such_field=3"], "no_such_field"),
+    (["--topology", "v4:2x2x1"], "nothere"),
 ])
 def test_mistakes_are_one_line(args, message):
-  p = train_compile("--config", "configs/tiny.py", *args, check=False)
+  config = "configs/nothere.py" if message == "nothere" else "configs/tiny.py"
+  p = train_compile("--config", config, *args, check=False)
   assert p.returncode == 2, p.stderr[-2000:]
   lines = [line for line in p.stderr.splitlines() if line.startswith("train_compile: error:")]
   assert len(lines) == 1 and message in lines[0], p.stderr[-2000:]
