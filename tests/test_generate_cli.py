@@ -14,7 +14,6 @@ import runpy
 import subprocess
 import sys
 
-import flax.linen as nn
 import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,6 @@ from flamingo_jax.config import NFNetConfig  # noqa: E402
 from flamingo_jax.convert import openflamingo as of  # noqa: E402
 from flamingo_jax.decoding import prompts  # noqa: E402
 from flamingo_jax.load_model import ImagePreprocessing, LoadModelError, load_model  # noqa: E402
-from flamingo_jax.model import Flamingo  # noqa: E402
 from flamingo_jax.train import checkpoint, partition  # noqa: E402
 from flamingo_jax.train import optimizer as optim, step as step_lib  # noqa: E402
 from tests import tiny_openflamingo as tiny  # noqa: E402
@@ -180,6 +178,16 @@ def test_converted_dir_loads_like_load_converted(converted):
   assert preprocessing == ImagePreprocessing(mode="clip", size=32)  # the ViT's size
 
 
+def one_device_program(config):
+  """train.py's program for `config` on one device, shapes from the config's data."""
+  from flamingo_jax.data import sources
+  from flamingo_jax.train import program as program_lib
+  model_config = train_lib.check(config)
+  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
+  shapes = {n: sources.batch_shapes(n, d, model_config) for n, d in config.data.items()}
+  return program_lib.build(config, model_config, mesh, shapes)
+
+
 def train_state(config, params):
   """(state, frozen) as train.py builds them, with shifted ("trained") trainable params."""
   trainable, frozen = partition.split(params, tuple(config.trainable))
@@ -207,15 +215,10 @@ def test_random_init_workdir_recreates_train_py_init(converted, pairs_data, tmp_
   # Smaller than the converted model (its init compiles twice as fast); same vocabulary.
   config.model.vision.depth, config.model.lm.num_layers = 1, 2
   config.model.resampler.update(dict(depth=1, num_latents=4))
-  model = Flamingo(train_lib.check(config))
-  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
-  rules = sharding.rules(config.sharding_rules)
-  example = {"images": np.zeros((1, 1, 1, 32, 32, 3), np.float32),
-             "input_ids": np.zeros((1, 4), np.int32)}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    init, _, source = train_lib.init_params(model, config, model.config, mesh, rules, example)
+  program = one_device_program(config)
+  trainable, frozen, source = train_lib.init_params(program, config)
   assert source == "random init (seed 3)"
-  state, frozen = train_state(config, init)
+  state, frozen = train_state(config, partition.merge(trainable, frozen))
   save_workdir(str(tmp_path / "ok"), config, state, frozen)
 
   _, params, tokenizer, _ = load_model(str(tmp_path / "ok"))
@@ -223,7 +226,7 @@ def test_random_init_workdir_recreates_train_py_init(converted, pairs_data, tmp_
   assert_trees_equal(got_trainable, state["params"])
   assert_trees_equal(got_frozen, frozen)  # in frozen_dtype, as it trained
   # The tokenizer the prepared dataset recorded.
-  assert tokenizer.convert_tokens_to_ids("<image>") == model.config.media_token_id
+  assert tokenizer.convert_tokens_to_ids("<image>") == program.model_config.media_token_id
 
   save_workdir(str(tmp_path / "other"), config, state, frozen, fingerprint="0" * 32)
   with pytest.raises(LoadModelError, match="fingerprint 0{32}, but those weights now"):
@@ -397,12 +400,7 @@ def test_init_from_another_model_is_refused(converted, pairs_data):
   config = train_config(converted, pairs_data, init=converted.dir)
   config.model.xattn.activation = "relu" if config.model.xattn.activation != "relu" else "gelu"
   config.model.dtype = "bfloat16"  # a run-time choice: allowed
-  model = Flamingo(train_lib.check(config))
-  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
-  rules = sharding.rules(config.sharding_rules)
-  example = {"images": np.zeros((1, 1, 1, 32, 32, 3), np.float32),
-             "input_ids": np.zeros((1, 4), np.int32)}
+  program = one_device_program(config)
   with pytest.raises(ConfigError, match=r"init: .* holds another model \(xattn.activation: "
                                         r"'\w+' there, 'relu|gelu' here\)"):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      train_lib.init_params(model, config, model.config, mesh, rules, example)
+    train_lib.init_params(program, config)

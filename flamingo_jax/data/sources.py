@@ -97,6 +97,17 @@ def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: i
 
 
 # The batch layout of each prepared kind: (media slots, frames per medium), seq_len default.
+def _recorded_kind(path) -> str:
+  """The kind a prepared dataset's metadata records ('' when the path holds none)."""
+  from flamingo_jax.data import prepared
+  if not path:
+    return ""
+  try:
+    return prepared.PreparedDataset(path).kind or ""
+  except (OSError, ValueError):  # no dataset there: the caller names the field to set
+    return ""
+
+
 def _prepared_layout(kind: str, o: dict) -> tuple[int, int, int]:
   from flamingo_jax.data import interleaved
   if kind == "mmc4":
@@ -126,7 +137,7 @@ def batch_shapes(name: str, cfg, model_config) -> dict:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     return {k: ((batch,) + s, d) for k, (s, d) in random_batches.shapes(model_config, **sizes).items()}
-  kind = cfg.get("kind") or ("tfds" if source == "tfds" else "")
+  kind = cfg.get("kind") or ("tfds" if source == "tfds" else _recorded_kind(cfg.get("path")))
   if kind not in _PREPARED_KINDS + ("tfds",):
     raise ConfigError(f"data.{name}.kind: {kind!r}; the batch shapes of a prepared dataset "
                       f"follow from its kind: set one of {list(_PREPARED_KINDS)} (or use "
