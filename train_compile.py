@@ -91,7 +91,7 @@ def run(config, topology_name: str) -> dict:
   devices = topology_lib.devices(topology_name)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   check_against_mesh(config, mesh)
-  shapes = {n: sources.batch_shapes(n, d, model_config) for n, d in config.data.items()}
+  shapes = sources.config_batch_shapes(config, model_config)
   program = program_lib.build(config, model_config, mesh, shapes)
   usable = int(chip.usable_hbm_gib * GIB)
   print(f"topology {topology_name}: {len(devices)} × {chip.device_kind} "

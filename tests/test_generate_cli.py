@@ -184,7 +184,7 @@ def one_device_program(config):
   from flamingo_jax.train import program as program_lib
   model_config = train_lib.check(config)
   mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
-  shapes = {n: sources.batch_shapes(n, d, model_config) for n, d in config.data.items()}
+  shapes = sources.config_batch_shapes(config, model_config)
   return program_lib.build(config, model_config, mesh, shapes)
 
 

@@ -122,6 +122,11 @@ def _prepared_layout(kind: str, o: dict) -> tuple[int, int, int]:
 _PREPARED_KINDS = ("mmc4", "pairs", "webdataset", "video")
 
 
+def config_batch_shapes(config, model_config) -> dict:
+  """`batch_shapes` of every dataset of a train config: dataset → key → (shape, dtype)."""
+  return {name: batch_shapes(name, d, model_config) for name, d in config.data.items()}
+
+
 def batch_shapes(name: str, cfg, model_config) -> dict:
   """Key → (shape, dtype) of dataset `name`'s global batch, from its config alone."""
   from flamingo_jax.data import loader, prepared

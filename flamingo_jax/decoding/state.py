@@ -124,7 +124,7 @@ def extend(model, params, state: DecodeState, tokens: jax.Array, *, positions=No
   at = lambda x, new: jax.lax.dynamic_update_slice(x, new, (0, state.index))
   cache_rows = state.cache_rows
   if cache_rows is not None:  # each row's new slots are in its own cache row
-    cache_rows = at(cache_rows, jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, t)))
+    cache_rows = at(cache_rows, _own_rows(n, t))
   return logits, state.replace(
       cache=jax.tree.map(write, state.cache, variables[CACHE_UPDATE]), index=state.index + t,
       key_mask=at(state.key_mask, jnp.ones((n, t), bool)),
@@ -141,17 +141,20 @@ def reorder(state: DecodeState, rows: jax.Array) -> DecodeState:
   take = lambda x: None if x is None else jnp.take(x, rows, axis=0)
   n, s = state.key_mask.shape
   if rows.shape[0] == n:
-    own = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, s))
     cache, media_cache = state.cache, state.media_cache
-    cache_rows = take(own if state.cache_rows is None else state.cache_rows)
+    cache_rows = take(_own_rows(n, s) if state.cache_rows is None else state.cache_rows)
   else:
     if state.cache_rows is not None:
       raise ValueError("reorder: the row count changes after beams were followed")
     cache, media_cache = reorder_cache(state.cache, rows), reorder_cache(state.media_cache, rows)
     # The identity, so that the state's structure stays the same in the decode loop.
-    cache_rows = jnp.broadcast_to(jnp.arange(rows.shape[0], dtype=jnp.int32)[:, None],
-                                  (rows.shape[0], s))
+    cache_rows = _own_rows(rows.shape[0], s)
   return state.replace(cache=cache, media_cache=media_cache, cache_rows=cache_rows,
                        key_mask=take(state.key_mask), key_positions=take(state.key_positions),
                        next_position=take(state.next_position),
                        media_index=take(state.media_index), media_mask=take(state.media_mask))
+
+
+def _own_rows(n: int, slots: int) -> jax.Array:
+  """int32 [n, slots]: every slot of row i held by cache row i."""
+  return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, slots))

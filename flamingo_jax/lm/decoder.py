@@ -189,7 +189,7 @@ class DecoderLM(nn.Module):
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     if lay.num_groups and not c.scan_layers:
       for g in range(lay.num_groups):
-        x, _ = LayerGroup(c, lay.group_size, xattn_at, name=f"group_{g}")(x, *args)
+        x, _ = group(c, lay.group_size, xattn_at, name=f"group_{g}")(x, *args)
     elif lay.num_groups:
       scanned = scan(group, variable_axes={"params": 0, CACHE: 0, CACHE_UPDATE: 0, MEDIA_CACHE: 0},
                      split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(args),

@@ -85,7 +85,8 @@ def forward_flops(model, batch) -> dict[str, float]:
   lm_logits = lambda p, i, md, mi: model.apply(
       {"params": p}, i, media=md, media_index=mi, method=lambda mod, *a, **k: mod.lm_logits(*a, **k))
   with_xattn = _forward_flops(lm_logits, params, ids, media, media_index)
-  bare_params = {k: ({n: v for n, v in sub.items() if n != "xattn"} if k in ("groups", "tail") else sub)
+  holds_layers = lambda k: k in ("groups", "tail") or k.startswith("group_")
+  bare_params = {k: ({n: v for n, v in sub.items() if n != "xattn"} if holds_layers(k) else sub)
                  for k, sub in params["lm"].items()}
   bare = DecoderLM(config, with_xattn=False)
   out["lm"] = _forward_flops(lambda p, i: bare.apply({"params": p}, i), bare_params, ids)
