@@ -22,17 +22,16 @@ import json
 import os
 import re
 import resource
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile on the CPU; libtpu only describes the pod
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from flamingo_jax import sharding  # noqa: E402
+from flamingo_jax import cli, sharding  # noqa: E402
 from flamingo_jax.config import ConfigError  # noqa: E402
 from flamingo_jax.data import sources  # noqa: E402
 from flamingo_jax.train import program as program_lib, topology as topology_lib  # noqa: E402
@@ -140,31 +139,14 @@ def run(config, topology_name: str) -> dict:
   return summary
 
 
-def _error(message: str):
-  print(f"train_compile: error: {'; '.join(str(message).splitlines())}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl's parse, but a bad --config file or --config.FIELD override is one line."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    _error(f"{type(e).__name__}: {e}" if not isinstance(e, flags.Error) else e)
-
-
 def main(argv):
   del argv
-  logging.set_verbosity(logging.ERROR)
-  try:
-    if _CONFIG.value is None or not _TOPOLOGY.value:
-      raise ConfigError("--config and --topology are required, e.g. --config "
-                        "configs/flamingo_3b.py --topology v4:4x4x4")
-    summary = run(_CONFIG.value, _TOPOLOGY.value)
-  except (ConfigError, topology_lib.TopologyError, ValueError, OSError) as e:  # ours name the field
-    _error(e)
-  print(json.dumps(summary), flush=True)
+  if _CONFIG.value is None or not _TOPOLOGY.value:
+    raise ConfigError("--config and --topology are required, e.g. --config "
+                      "configs/flamingo_3b.py --topology v4:4x4x4")
+  print(json.dumps(run(_CONFIG.value, _TOPOLOGY.value)), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  # Ours name the field; absl's parse errors are one line too (cli.run_absl).
+  cli.run_absl("train_compile", main, (ConfigError, topology_lib.TopologyError, ValueError, OSError))
