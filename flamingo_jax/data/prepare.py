@@ -35,6 +35,10 @@ where `skipped` counts records, so kept + the sum of skipped = read, and (mmc4)
 Relative image names (mmc4, pairs) are looked up in --images-dir, or without it beside
 the jsonl / csv and then in an `images/` folder next to it.
 
+Paths go through etils epath (as TFDS's and orbax's do), so --output, --input and
+--images-dir may be buckets (`gs://...`; with gcsfs installed: `pip install -e ".[gcs]"`),
+except video files, which PyAV reads from local disk.
+
 Exit status: 0 ok; 1 a data problem (--strict's first bad record, or a run that keeps
 nothing: the summary, then one line saying why); 2 a command-line or input mistake (a
 missing input, an existing output without --overwrite, a bad value): one line naming the
@@ -44,9 +48,9 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import sys
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -167,7 +171,7 @@ def check_arguments(kind: str, inputs, output: str, *, tokenizer: str | None = N
                          f"{' / '.join(INPUT_EXTS[kind])} files") from None
   for name, flag in (("images_dir", "--images-dir"), ("videos_dir", "--images-dir")):
     d = reader_options.get(name)
-    if d and not os.path.isdir(d):
+    if d and not epath.Path(d).is_dir():
       raise PrepareError(f"{flag}: {d!r} is not a folder; give the folder that relative "
                          "image paths start from, or leave it out")
   if tokenizer and not os.path.exists(tokenizer):
@@ -181,10 +185,11 @@ def check_arguments(kind: str, inputs, output: str, *, tokenizer: str | None = N
     raise PrepareError(f"--num-workers: {num_workers!r} must be an integer >= 0 (0: this process)")
   if reader_options.get("fps") is not None and not reader_options["fps"] > 0:
     raise PrepareError(f"--fps: {reader_options['fps']!r} must be > 0")
-  if os.path.exists(output) and not os.path.isdir(output):
+  out = epath.Path(output)
+  if out.exists() and not out.is_dir():
     raise PrepareError(f"--output: {output!r} is a file; give a folder")
-  data_dir = os.path.join(output, f"flamingo_{kind}", VERSION)
-  if os.path.exists(data_dir) and not overwrite:
+  data_dir = out / f"flamingo_{kind}" / VERSION
+  if data_dir.exists() and not overwrite:
     raise PrepareError(f"--output: {data_dir} exists; pass --overwrite to replace it, or "
                        "choose another --output")
 
@@ -207,14 +212,14 @@ def prepare(kind: str, inputs, output: str, *, tokenizer: str | None = None,
     except (OSError, ValueError) as e:
       raise PrepareError(f"--tokenizer: {tokenizer!r} could not be loaded: "
                          f"{' '.join(str(e).split())}") from None
-  root = os.path.join(output, f"flamingo_{kind}")
-  data_dir = os.path.join(root, VERSION)
-  created = [d for d in (output, root) if not os.path.exists(d)]  # removed if the run fails
-  os.makedirs(root, exist_ok=True)
-  if os.path.exists(data_dir):  # --overwrite (checked above)
-    shutil.rmtree(data_dir)
-  skipped_path = os.path.join(root, "skipped.jsonl")
-  log = open(skipped_path, "w")
+  root = epath.Path(output) / f"flamingo_{kind}"
+  data_dir = root / VERSION
+  created = [d for d in (epath.Path(output), root) if not d.exists()]  # removed if the run fails
+  root.mkdir(parents=True, exist_ok=True)
+  if data_dir.exists():  # --overwrite (checked above)
+    data_dir.rmtree()
+  skipped_path = root / "skipped.jsonl"
+  log = skipped_path.open("w")
   skips = raw.Skips(strict=strict, log=log)
   kept = 0
 
@@ -268,29 +273,27 @@ def prepare(kind: str, inputs, output: str, *, tokenizer: str | None = None,
     log.close()
     _remove_temporaries(output, root)
     if not ok:  # a failed (e.g. strict) run leaves nothing behind
-      shutil.rmtree(data_dir, ignore_errors=True)
-      if os.path.exists(skipped_path):
-        os.remove(skipped_path)
+      data_dir.rmtree(missing_ok=True)
+      skipped_path.unlink(missing_ok=True)
       for d in reversed(created):
-        if os.path.isdir(d) and not os.listdir(d):
-          os.rmdir(d)
+        if d.is_dir() and not list(d.iterdir()):
+          d.rmdir()
   result = summary()
   _write_summary(output, kind, result)
-  return dict(result, path=data_dir, skipped_list=skipped_path)
+  return dict(result, path=os.fspath(data_dir), skipped_list=os.fspath(skipped_path))
 
 
 def _write_summary(output: str, kind: str, summary: dict) -> None:
-  with open(os.path.join(output, f"summary_{kind}.json"), "w") as f:
-    json.dump(summary, f)
+  (epath.Path(output) / f"summary_{kind}.json").write_text(json.dumps(summary))
 
 
-def _remove_temporaries(output: str, root: str) -> None:
+def _remove_temporaries(output: str, root: epath.Path) -> None:
   """TFDS's `incomplete.*` folders (a run that failed midway) and its downloads folder."""
-  if os.path.isdir(root):
-    for d in os.listdir(root):
-      if d.startswith("incomplete."):
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-  shutil.rmtree(os.path.join(output, "downloads"), ignore_errors=True)
+  if root.is_dir():
+    for d in root.iterdir():
+      if d.name.startswith("incomplete."):
+        d.rmtree(missing_ok=True)
+  (epath.Path(output) / "downloads").rmtree(missing_ok=True)
 
 
 def main(argv=None) -> int:

@@ -12,8 +12,10 @@ Processing: each record is decoded and turned into a fixed-shape example by the
 processing functions of its kind (`images`, `pairs`, `interleaved`), with a generator
 seeded by (seed, epoch, record index) for its random choices.
 """
+import json
 import os
 
+from etils import epath
 import numpy as np
 
 from flamingo_jax.data import loader
@@ -24,21 +26,32 @@ class PreparedDataError(ValueError):
 
 
 def find_dataset_dir(path: str, kind: str | None = None) -> str:
-  """The TFDS dataset folder (the one holding dataset_info.json) at or under `path`."""
-  path = os.fspath(path)
-  if os.path.exists(os.path.join(path, "dataset_info.json")):
-    return path
-  found = []
-  for root, dirs, files in os.walk(path):
-    dirs.sort()
-    if "dataset_info.json" in files and (kind is None or f"flamingo_{kind}" in root):
-      found.append(root)
+  """The TFDS dataset folder (the one holding dataset_info.json) at or under `path`: a
+  local path or a bucket (`gs://...`: every path goes through etils epath, as TFDS's)."""
+  root = epath.Path(path)
+  if (root / "dataset_info.json").exists():
+    return os.fspath(root)
+  # Globs, not a walk: a bucket answers a glob in one listing (and epath's walk drops the
+  # gs:// of the folders it yields). prepare writes OUTPUT/flamingo_KIND/VERSION/.
+  found = sorted(os.fspath(f.parent) for depth in (1, 2, 3)
+                 for f in root.glob("/".join(["*"] * depth + ["dataset_info.json"])))
+  found = [d for d in found if kind is None or f"flamingo_{kind}" in d]
   if len(found) != 1:
     raise PreparedDataError(
         f"{path}: expected one prepared dataset" + (f" of kind {kind!r}" if kind else "")
         + (f", found {len(found)}: {found}" if found else ", found none (run "
            "`python -m flamingo_jax.data.prepare`)"))
   return found[0]
+
+
+def read_metadata(path: str, kind: str | None = None) -> dict:
+  """The metadata `prepare` recorded (`kind`, `tokenizer`: its path and special-token
+  ids, ...), read from the dataset folder's metadata.json without opening the dataset."""
+  file = epath.Path(find_dataset_dir(path, kind)) / "metadata.json"
+  try:
+    return json.loads(file.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise PreparedDataError(f"{file}: no readable metadata ({e})") from e
 
 
 class PreparedDataset:
@@ -102,7 +115,7 @@ def load_tokenizer_for(dataset: PreparedDataset, path: str | None = None):
   import dataclasses
   from flamingo_jax.data import tokenizer as tokenizer_lib
   recorded = dataset.metadata.get("tokenizer")
-  if path is None:
+  if not path:  # None or '' (a config's unset field)
     if not recorded:
       raise PreparedDataError(f"{dataset.dir}: no tokenizer given and none recorded at "
                               "preparation (prepare --tokenizer DIR, or set `tokenizer`)")
@@ -182,11 +195,16 @@ def record_fn(kind: str, tokenizer_and_specials, **options):
 def build_iterator(path: str, global_batch_size: int, *, kind: str | None = None,
                    tokenizer: str | None = None, seed: int = 0, max_attempts: int = 32,
                    process_index: int = 0, process_count: int = 1, num_threads: int = 0,
-                   num_workers: int = 0, state=None, **processing) -> loader.BatchIterator:
+                   num_workers: int = 0, state=None, check_tokens=None,
+                   **processing) -> loader.BatchIterator:
   """Batches of the dataset at `path`, processed by its kind's functions (`processing`:
-  see PROCESSING_DEFAULTS); the loader options: see loader.BatchIterator."""
+  see PROCESSING_DEFAULTS); the loader options: see loader.BatchIterator. `check_tokens`:
+  called with the tokenizer's SpecialTokens before any record is read."""
   dataset = PreparedDataset(path, kind)
-  build = record_fn(dataset.kind, load_tokenizer_for(dataset, tokenizer), **processing)
+  tokens = load_tokenizer_for(dataset, tokenizer)
+  if check_tokens:
+    check_tokens(tokens[1])
+  build = record_fn(dataset.kind, tokens, **processing)
   example_at = loader.shuffled_records(dataset, build, seed=seed, name=dataset.dir,
                                        max_attempts=max_attempts)
   return loader.BatchIterator(example_at, global_batch_size, process_index=process_index,

@@ -9,7 +9,9 @@ kept is counted apart (`Skips.image_counts`) and listed with its index. With
 
 Relative image paths (mmc4's `image_name`, the pairs table's image column) are looked up
 in `images_dir` when given, else beside the jsonl / csv and then in an `images/` folder
-next to it; a missing image's detail names every place looked.
+next to it; a missing image's detail names every place looked. Files are opened through
+etils epath, so tables, shards and images may be in a bucket (`gs://...`); video files
+are decoded by PyAV from local disk.
 
 Kinds and the records they yield (images are re-encoded image bytes, never pixels):
   mmc4        {"id", "sentences": [str], "images": [bytes], "image_sentence": int32[N]
@@ -47,6 +49,7 @@ import tarfile
 import threading
 from typing import Iterable, Iterator
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -173,14 +176,17 @@ def _encode_pil(im: Image.Image, *, max_size: int, fmt: str, quality: int) -> by
 
 def _read_file(path: str) -> bytes:
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    return epath.Path(path).read_bytes()
   except OSError as e:
     raise BadRecord("image_missing", f"{path}: {e.strerror or e}") from None
 
 
+def _is_abs(path: str) -> bool:
+  return os.path.isabs(path) or "://" in path  # gs://bucket/... is absolute too
+
+
 def _resolve(path: str, base_dir: str) -> str:
-  return path if os.path.isabs(path) else os.path.join(base_dir, path)
+  return path if _is_abs(path) else os.path.join(base_dir, path)
 
 
 def image_dirs(table_path: str, images_dir: str | None) -> tuple[str, ...]:
@@ -194,11 +200,11 @@ def image_dirs(table_path: str, images_dir: str | None) -> tuple[str, ...]:
 
 def _read_image(name: str, dirs: tuple[str, ...]) -> bytes:
   """The bytes of image `name` (absolute, or relative to the first of `dirs` holding it)."""
-  if os.path.isabs(name):
+  if _is_abs(name):
     return _read_file(name)
   for d in dirs:
     path = os.path.join(d, name)
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
       return _read_file(path)
   raise BadRecord("image_missing", f"{name!r} not found; looked in " +
                   ", ".join(os.path.join(d, "") for d in dirs) +
@@ -213,12 +219,20 @@ def expand_inputs(inputs: str | Iterable[str], exts: tuple[str, ...]) -> list[st
   paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
   out = []
   for p in map(str, paths):
-    if os.path.isdir(p):
-      out += sorted(os.path.join(p, f) for f in os.listdir(p)
-                    if f.lower().rsplit(".", 1)[-1] in exts)
+    path = epath.Path(p)
+    if path.is_dir():
+      out += sorted(os.path.join(p, f.name) for f in path.iterdir()
+                    if f.name.lower().rsplit(".", 1)[-1] in exts)
     elif any(c in p for c in "*?["):
-      out += sorted(glob.glob(p))
-    elif os.path.exists(p):
+      if "://" in p:  # a bucket: its own glob, from the first folder with a wildcard
+        head, rest = p.split("://", 1)
+        parts = rest.split("/")
+        k = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+        root = epath.Path(f"{head}://" + "/".join(parts[:k]))
+        out += sorted(os.fspath(f) for f in root.glob("/".join(parts[k:])))
+      else:
+        out += sorted(glob.glob(p))
+    elif path.exists():
       out.append(p)
     else:
       raise FileNotFoundError(f"input {p!r} does not exist")
@@ -228,7 +242,7 @@ def expand_inputs(inputs: str | Iterable[str], exts: tuple[str, ...]) -> list[st
 
 
 def _jsonl_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for n, raw in enumerate(f, 1):
       rid = f"{path}:{n}"
       try:
@@ -252,7 +266,7 @@ def _jsonl_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
 def _csv_rows(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
   """Rows of a csv with a header line (one record per line: no newlines inside cells)."""
   header = None
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for n, raw in enumerate(f, 1):
       rid = f"{path}:{n}"
       try:
@@ -434,7 +448,7 @@ def read_webdataset(inputs, *, skip: Skips | None = None, caption_fields=("capti
 def _tar_groups(path: str, skip: Skips) -> Iterator[tuple[str, dict]]:
   key, members = None, {}
   try:
-    with tarfile.open(path, "r:*") as tar:
+    with epath.Path(path).open("rb") as shard, tarfile.open(fileobj=shard, mode="r:*") as tar:
       for m in tar:
         if not m.isfile():
           continue
@@ -544,7 +558,8 @@ def sample_video(path: str, *, num_frames: int = 8, fps: float = 1.0) -> list[Im
 def frame_folder(path: str, *, num_frames: int = 8) -> list[bytes]:
   """The folder's images in name order; when there are more than `num_frames`, that many
   evenly spaced ones (the folder is taken to hold frames already sampled in time)."""
-  names = sorted(n for n in os.listdir(path) if n.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
+  names = sorted(f.name for f in epath.Path(path).iterdir()
+                 if f.name.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
   if len(names) > num_frames:
     names = [names[i] for i in np.linspace(0, len(names) - 1, num_frames).round().astype(int)]
   return [_read_file(os.path.join(path, n)) for n in names]
@@ -565,7 +580,7 @@ def _clip(rid, item, skip, *, video_fields, caption_fields, num_frames, fps, max
   row, base = item
   video = _resolve(_text_field(row, tuple(video_fields)), base)
   caption = _text_field(row, tuple(caption_fields))
-  if os.path.isdir(video):
+  if epath.Path(video).is_dir():
     frames = [encode_image(b, max_size=max_image_size, fmt=image_format)
               for b in frame_folder(video, num_frames=num_frames)]
   elif os.path.exists(video):

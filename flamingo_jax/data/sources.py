@@ -23,7 +23,14 @@ p_next, single_image_drop_p, prepend_space_p, add_eos, num_frames); their batche
 
 `batch_shapes` gives a dataset's global batch shapes from its config alone (for
 prepared data: with `kind` set), so a step compiles without reading a record.
+
+Given the model config, `build` checks a source against the model before anything
+compiles: the image size against a ViT's (`check_image_size`), and for prepared / tfds
+data the tokenizer's vocabulary and `<image>` / `<|endofchunk|>` ids against the LM's
+(`check_tokens`); a mismatch is a ConfigError naming both values and the fix.
 """
+import functools
+
 import numpy as np
 
 from flamingo_jax.config import ConfigError
@@ -60,9 +67,49 @@ def _checked(name: str, cfg) -> dict:
   return cfg
 
 
+def check_image_size(name: str, cfg, model_config) -> None:
+  """A ViT's position embeddings fix its input size: the data's must be the same. (NFNet
+  is convolutional: any size makes tokens, so its config's size is not enforced.)"""
+  from flamingo_jax.config import ViTConfig
+  from flamingo_jax.data import prepared
+  cfg = dict(cfg)
+  if cfg["source"] == "synthetic":
+    key, size = "task.image_size", synthetic.TaskConfig(**dict(cfg.get("task", {}))).image_size
+  else:
+    key = "image_size"
+    size = int(cfg.get(key, 0 if cfg["source"] == "random" else prepared.PROCESSING_DEFAULTS[key]))
+  want = model_config.vision.image_size
+  if isinstance(model_config.vision, ViTConfig) and size and size != want:
+    raise ConfigError(f"data.{name}.{key}: {size} px images, but the vision tower "
+                      f"(model.vision.image_size) takes {want} px; set "
+                      f"--config.data.{name}.{key}={want}")
+
+
+def check_tokens(name: str, model_config, specials) -> None:
+  """The tokenizer a dataset is read with (`specials`: its tokenizer.SpecialTokens) against
+  the model: every id it can produce inside the LM's vocabulary, and the same `<image>`
+  and `<|endofchunk|>` ids (else the model trains on NaN or on the wrong token)."""
+  vocab = model_config.lm.vocab_size
+  if specials.vocab_size > vocab:
+    raise ConfigError(
+        f"data.{name}: its tokenizer has {specials.vocab_size} tokens (ids up to "
+        f"{specials.vocab_size - 1}), but model.lm.vocab_size is {vocab}; set "
+        f"--config.model.lm.vocab_size={specials.vocab_size} or more (a new model), or "
+        "prepare the data with the model's own tokenizer (prepare --tokenizer)")
+  for token, field, theirs in (("<image>", "media_token_id", specials.media_token_id),
+                               ("<|endofchunk|>", "eoc_token_id", specials.eoc_token_id)):
+    ours = getattr(model_config, field)
+    if ours != theirs:
+      raise ConfigError(
+          f"data.{name}: its tokenizer's {token} id is {theirs}, but model.{field} is "
+          f"{ours}; set --config.model.{field}={theirs} (and model.trainable_token_ids), "
+          "or prepare the data with the model's own tokenizer (prepare --tokenizer)")
+
+
 def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
           model_config=None):
-  """`model_config` (a FlamingoConfig): the vocabulary and image size of `random` batches."""
+  """`model_config` (a FlamingoConfig): the vocabulary and image size of `random` batches;
+  when given, the source is checked against it (`check_image_size`, `check_tokens`)."""
   from flamingo_jax.data import loader, prepared, tfds_source
   cfg = _checked(name, cfg)
   source = cfg["source"]
@@ -70,6 +117,10 @@ def build(name: str, cfg, *, seed: int, process_index: int = 0, process_count: i
     if not cfg.get(key):
       raise ConfigError(f"data.{name}.{key}: not set; give {what}, e.g. "
                         f"--config.data.{name}.{key}=...")
+  if model_config is not None:
+    check_image_size(name, cfg, model_config)
+    if source in ("prepared", "tfds"):  # called with the tokenizer, before any record is read
+      cfg["check_tokens"] = functools.partial(check_tokens, name, model_config)
   options = dict(seed=int(cfg.pop("seed", seed)), process_index=process_index,
                  process_count=process_count, num_threads=int(cfg.pop("num_threads", 0)),
                  num_workers=int(cfg.pop("num_workers", 0)))
@@ -131,6 +182,8 @@ def batch_shapes(name: str, cfg, model_config) -> dict:
   """Key → (shape, dtype) of dataset `name`'s global batch, from its config alone."""
   from flamingo_jax.data import loader, prepared
   cfg = _checked(name, cfg)
+  if model_config is not None:
+    check_image_size(name, cfg, model_config)
   source, batch = cfg["source"], int(cfg["batch_size"])
   if source == "synthetic":  # one episode: its shapes follow from the task alone
     task = synthetic.TaskConfig(**dict(cfg.get("task", {})))

@@ -73,9 +73,9 @@ def build_iterator(name: str, global_batch_size: int, *, tokenizer: str, split: 
                    text_key: str | None = None, seed: int = 0, max_attempts: int = 32,
                    process_index: int = 0, process_count: int = 1,
                    num_threads: int = 0, num_workers: int = 0, state=None,
-                   **processing) -> loader.BatchIterator:
+                   check_tokens=None, **processing) -> loader.BatchIterator:
   """Batches of the split read in place (`processing`: prepared.PROCESSING_DEFAULTS; the
-  loader options: loader.BatchIterator)."""
+  loader options: loader.BatchIterator; `check_tokens`: as prepared.build_iterator's)."""
   from flamingo_jax.data import tokenizer as tokenizer_lib
   image_key, text_key = _keys(name, image_key, text_key)
   source = open_source(name, split, data_dir)
@@ -85,7 +85,10 @@ def build_iterator(name: str, global_batch_size: int, *, tokenizer: str, split: 
     catalog_record(source[0], image_key=image_key, text_key=text_key, name=name)
   except loader.SkipRecord:
     pass  # the keys are right; this record is skipped when read
-  process = prepared.record_fn("tfds", tokenizer_lib.load_tokenizer(tokenizer), **processing)
+  tokens = tokenizer_lib.load_tokenizer(tokenizer)
+  if check_tokens:
+    check_tokens(tokens[1])
+  process = prepared.record_fn("tfds", tokens, **processing)
 
   def build(record, rng):
     return process(catalog_record(record, image_key=image_key, text_key=text_key, name=name),

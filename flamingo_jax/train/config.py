@@ -42,6 +42,29 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """big_vision's config argument, `--config configs/NAME.py:key=value,key=value`: the
+  `defaults` with the given keys replaced, each read as its default's type (a bare `key`
+  is key=True). An unknown key or a bad value is a ConfigError naming it."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = (s.strip() for s in item.partition("="))
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r}: unknown; known: {', '.join(defaults)} "
+                        "(--config FILE.py:key=value,key=value)")
+    kind = type(defaults[key])
+    try:
+      if kind is bool:
+        out[key] = {"true": True, "1": True, "false": False, "0": False}[(value or "true").lower()]
+      elif not sep:
+        raise ValueError
+      else:
+        out[key] = kind(value)
+    except (KeyError, ValueError):
+      raise ConfigError(f"config argument {key}={value!r}: not a {kind.__name__}") from None
+  return ml_collections.ConfigDict(out)
+
+
 def check(config) -> FlamingoConfig:
   """Validates the whole config; returns the model config. Every error names its field."""
   def require(cond, field, message):
