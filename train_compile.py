@@ -9,9 +9,11 @@ and batches are ShapeDtypeStructs with their shardings, the batch shapes come fr
 config's data settings (sources.batch_shapes). Prints the mesh, each step's per-device
 memory from XLA (arguments, outputs, aliases, temporaries, code; their total against
 the chip's usable HBM) beside the arithmetic of the arguments (state + frozen weights +
-batch shards), whether it fits, the compile time, this process's peak host memory, the
-analytic FLOPs of one step (frozen-aware, every scanned layer counted: flops.py) and the
-step time they imply at 50% MFU. The last stdout line is one JSON object:
+batch shards), whether it fits, the bytes each device feeds to collectives in one step
+(all-gather, reduce-scatter, all-reduce, ... from the compiled HLO: train/hlo.py), the
+compile time, this process's peak host memory, the analytic FLOPs of one step
+(frozen-aware, every scanned layer counted: flops.py) and the step time they imply at
+50% MFU. The last stdout line is one JSON object:
 
   {"fits": bool, "compile_s": s, "host_peak_gib": GiB, "per_device_gib": GiB, ...}
 
@@ -34,7 +36,7 @@ from ml_collections import config_flags  # noqa: E402
 from flamingo_jax import cli, sharding  # noqa: E402
 from flamingo_jax.config import ConfigError  # noqa: E402
 from flamingo_jax.data import sources  # noqa: E402
-from flamingo_jax.train import program as program_lib, topology as topology_lib  # noqa: E402
+from flamingo_jax.train import hlo, program as program_lib, topology as topology_lib  # noqa: E402
 from flamingo_jax.train.config import check, check_against_mesh  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
@@ -81,7 +83,8 @@ def compile_group(program, group, usable: int) -> dict:
                 per_device_gib=max(needed) if needed else None, error=text.splitlines()[0][:300])
   mem = memory(compiled)
   return dict(compile_s=time.perf_counter() - start, fits=mem["total"] <= usable, memory=mem,
-              per_device_gib=mem["total"] / GIB)
+              per_device_gib=mem["total"] / GIB,
+              collective_bytes=hlo.collective_bytes(compiled.as_text()))
 
 
 def run(config, topology_name: str) -> dict:
@@ -120,6 +123,11 @@ def run(config, topology_name: str) -> dict:
     need = "?" if r["per_device_gib"] is None else f"{r['per_device_gib']:.2f}"
     print(f"  total {need} GiB of {chip.usable_hbm_gib} usable: "
           f"{'fits' if r['fits'] else 'does NOT fit'}" + (f" ({r['error']})" if "error" in r else ""))
+    if "collective_bytes" in r:
+      c = r["collective_bytes"]
+      print(f"  collectives per device per step (operand bytes, every loop iteration): "
+            + ", ".join(f"{k} {gib(v)} GiB" for k, v in c.items() if v and k != "total")
+            + f"; total {gib(c['total'])} GiB")
     print(f"  {flops / 1e15:.2f} PFLOP a step (analytic, frozen-aware): "
           f"{r['step_s_at_50_mfu']:.3f} s a step at {MFU:.0%} MFU")
 

@@ -9,7 +9,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
-from flamingo_jax import vision
+from flamingo_jax import sharding, vision
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.inputs import check_inputs, media_index_from_tokens
 from flamingo_jax.layers.attention import SelfAttentionInputs
@@ -27,13 +27,26 @@ class Flamingo(nn.Module):
     self.resampler = PerceiverResampler(c.resampler, **kw)
     self.lm = DecoderLM(c)
 
+  def vision_features(self, images: jax.Array) -> jax.Array:
+    """images [B, M, F, H, W, C] → the vision tower's features [B, M, F, V, D].
+
+    Under logical axis rules and a mesh, the tower runs data parallel over the whole mesh
+    (sharding.vision_rules: its images split over `tensor` too) and its features return
+    to the batch layout the resampler and LM use."""
+    b, m, f = images.shape[:3]
+    images = images.reshape((b * m * f,) + images.shape[3:])
+    rules = nn.get_logical_axis_rules()
+    with nn.logical_axis_rules(sharding.vision_rules(rules, images.shape[0],
+                                                     jax.sharding.get_abstract_mesh())):
+      images = nn.with_logical_constraint(images, ("act_batch", None, None, None))
+      features = nn.with_logical_constraint(self.vision(images), ("act_batch", "act_len", "act_embed"))
+    # The vision tower is frozen: no gradient flows into it, whatever the optimizer mask.
+    features = jax.lax.stop_gradient(features.reshape((b, m, f) + features.shape[1:]))
+    return nn.with_logical_constraint(features, ("act_batch", None, None, "act_len", "act_embed"))
+
   def encode_media(self, images: jax.Array) -> jax.Array:
     """images [B, M, F, H, W, C] → visual tokens [B, M, num_latents, D]."""
-    b, m, f = images.shape[:3]
-    features = self.vision(images.reshape((b * m * f,) + images.shape[3:]))
-    # The vision tower is frozen: no gradient flows into it, whatever the optimizer mask.
-    features = jax.lax.stop_gradient(features)
-    return self.resampler(features.reshape((b, m, f) + features.shape[1:]))
+    return self.resampler(self.vision_features(images))
 
   def lm_logits(self, input_ids, attention_mask=None, *, media=None, media_index=None,
                 media_mask=None, positions=None, cached: SelfAttentionInputs | None = None,

@@ -93,6 +93,40 @@ def rules(overrides=()) -> tuple:
   return overrides + tuple(r for r in DEFAULT_RULES if r[0] not in names)
 
 
+def vision_rules(rules: tuple, batch: int, mesh) -> tuple:
+  """`rules` for the frozen vision tower: data parallel over the whole mesh. Its `batch`
+  images are split over every axis, `tensor` included (a tensor group's devices encode
+  different images, not the same ones), so no activation is split over `tensor`; its
+  weights keep their layout (XLA gathers what it needs). Unchanged without rules or a mesh,
+  or when `batch` does not split over the whole mesh."""
+  if not rules or mesh.empty or batch % mesh.size:
+    return rules
+  def drop(axes):
+    if isinstance(axes, tuple):
+      return tuple(a for a in axes if a != "tensor") or None
+    return None if axes == "tensor" else axes
+  return (("act_batch", tuple(mesh.axis_names)),) + tuple(
+      (name, drop(axes)) for name, axes in rules if name != "act_batch")
+
+
+def zero1(s: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """Where ZeRO-1 keeps the optimizer state of a parameter laid out as `s`: also split over
+  the batch axes `s` does not use, on the dimension that leaves the largest shard among
+  those that divide evenly. A leaf with no such dimension keeps `s` (replicated over them)."""
+  mesh = s.mesh
+  spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+  axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  size = lambda names: int(np.prod([mesh.shape[a] for a in names]))
+  used = {a for e in spec for a in axes(e)}
+  free = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
+  fits = [d for d in range(len(shape)) if shape[d] % size(axes(spec[d]) + free) == 0]
+  if not free or not fits:
+    return s
+  d = max(fits, key=lambda d: shape[d] // size(axes(spec[d])))
+  spec[d] = axes(spec[d]) + free
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for a tree whose leaves carry logical axis names (e.g. params from
   `jax.eval_shape(model.init, ...)`, or an optimizer state built on them); unnamed leaves

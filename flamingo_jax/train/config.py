@@ -32,6 +32,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.microbatches = 1  # split each dataset's batch to save memory; same gradient
   # Mesh axis sizes; -1 takes the remaining devices. `slice` spans multi-slice (DCN) pods.
   c.mesh = dict(slice=1, data=-1, fsdp=1, tensor=1)
+  # 'params': optimizer state laid out like its parameter; 'zero1': also split over the
+  # batch axes (ZeRO stage 1, as the paper's 80B), the weights keeping their own layout.
+  c.optimizer_sharding = "params"
   c.sharding_rules = ()  # (logical name, mesh axes) pairs that override sharding.DEFAULT_RULES
   # Multi-host: jax.distributed.initialize(). Empty fields are auto-detected (TPU pods,
   # SLURM, ...); set them for a hand-made cluster (e.g. several CPU processes).
@@ -83,6 +86,8 @@ def check(config) -> FlamingoConfig:
   require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
   require(config.accumulation in ("all", "round_robin"), "accumulation",
           f"{config.accumulation!r}: choose 'all' or 'round_robin'")
+  require(config.optimizer_sharding in ("params", "zero1"), "optimizer_sharding",
+          f"{config.optimizer_sharding!r}: choose 'params' or 'zero1'")
   require(config.frozen_dtype in ("float32", "bfloat16", "float16"), "frozen_dtype",
           f"{config.frozen_dtype!r}: choose float32, bfloat16 or float16")
   require(len(config.data) > 0, "data", "no dataset; add e.g. config.data.NAME = dict(source=..., "
@@ -102,14 +107,22 @@ def check(config) -> FlamingoConfig:
 
 
 def check_against_mesh(config, mesh) -> None:
-  """Checks that need the device count: every batch splits evenly over the batch axes."""
+  """Checks that need the device count: every batch, and each of its micro-batches, splits
+  evenly over the batch axes (else XLA reshards each micro-batch, images included)."""
   shards = mesh.shape["slice"] * mesh.shape["data"] * mesh.shape["fsdp"]
+  n = int(config.microbatches)
   for name, d in config.data.items():
     if int(d.batch_size) % shards:
       raise ConfigError(
           f"data.{name}.batch_size: {d.batch_size} does not split over the {shards} batch "
           f"shards of the mesh (slice × data × fsdp = {dict(mesh.shape)}); use a multiple of "
           f"{shards} or change config.mesh")
+    if int(d.batch_size) % (shards * n):
+      raise ConfigError(
+          f"data.{name}.batch_size: micro-batches of {d.batch_size} / microbatches={n} = "
+          f"{int(d.batch_size) / n:g} examples do not split over the {shards} batch shards of the "
+          f"mesh ({dict(mesh.shape)}); use a batch_size that is a multiple of {shards * n}, or "
+          f"microbatches dividing {int(d.batch_size) // shards}")
 
 
 # Run-time choices a training config may set differently from the weights it starts from.

@@ -13,7 +13,9 @@ function, so what compiles there is what runs here.
   frozen_shardings         ... of the frozen rest (config.frozen_dtype)
   optimizer, schedule      optax, and its learning-rate schedule
   state_shardings          of the train state (step.py); optimizer moments inherit their
-                           parameter's logical names, so they are sharded alike
+                           parameter's logical names, so they are sharded alike, or with
+                           config.optimizer_sharding='zero1' also split over the batch
+                           axes (sharding.zero1)
   batch_shapes             dataset → key → ShapeDtypeStruct (global, batch-sharded)
   groups, steps            the datasets of each update (all of them, or one each for
                            round robin) → its jitted step(state, frozen, batches)
@@ -145,6 +147,15 @@ def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str,
       abstract_trainable, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   boxed_state = jax.eval_shape(new_state, abstract_trainable)
   state_shardings = nn.unbox(sharding.param_shardings(boxed_state, mesh, rules))
+  update_shardings = None
+  if config.optimizer_sharding == "zero1":
+    # ZeRO-1: each trainable leaf's optimizer state also splits over the batch axes; the
+    # step reduce-scatters the gradients into that layout, updates there, and all-gathers
+    # the new weights into their own layout (state_shardings["params"], unchanged).
+    zero1 = lambda s, x: sharding.zero1(s, x.shape)
+    state_shardings = {**state_shardings, "opt": jax.tree.map(
+        zero1, state_shardings["opt"], nn.unbox(boxed_state)["opt"])}
+    update_shardings = jax.tree.map(zero1, trainable_shardings, nn.unbox(abstract_trainable))
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 nn.unbox(boxed_state), state_shardings)
 
@@ -159,7 +170,8 @@ def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str,
 
   def jitted(group):
     fn = step_lib.make_train_step(model, opt, {n: weights[n] for n in group},
-                                  config.microbatches, learning_rate=schedule)
+                                  config.microbatches, learning_rate=schedule,
+                                  update_shardings=update_shardings)
 
     def with_rules(state, frozen, batches):
       with nn.logical_axis_rules(rules):

@@ -55,14 +55,19 @@ def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict:
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation,
-                    weights: Mapping[str, float], microbatches: int = 1, learning_rate=None):
+                    weights: Mapping[str, float], microbatches: int = 1, learning_rate=None,
+                    update_shardings=None):
   """`step(state, frozen, batches) -> (state, metrics)`; `batches` maps dataset name → batch.
 
   Every dataset in `batches` contributes `weight * mean token loss` to one update (the
   paper's accumulation over all datasets); pass a single dataset for round-robin.
   `learning_rate` (the optimizer's schedule) adds metric `lr`: the rate this update
   applies, at optax's count = the updates applied so far (skipped ones do not count).
+  `update_shardings` (of the trainable subtree; ZeRO-1: the optimizer state's layout):
+  where the gradients and the optimizer's update are computed.
   """
+  constrain = lambda tree: (tree if update_shardings is None
+                            else jax.lax.with_sharding_constraint(tree, update_shardings))
 
   def loss_fn(trainable, frozen, batch, count, rng):
     params = partition.merge(trainable, frozen)
@@ -100,9 +105,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
       metrics[f"loss_tokens/{name}"] = count
       total_loss = total_loss + weight * loss
 
+    grads = constrain(grads)  # ZeRO-1: a reduce-scatter instead of an all-reduce
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = optimizer.update(grads, state["opt"], params)
+    updates, new_opt = optimizer.update(grads, state["opt"], constrain(params))
+    updates = constrain(updates)  # applied to the weights' layout: an all-gather
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = (~finite).astype(jnp.int32)
