@@ -28,18 +28,11 @@ class Flamingo(nn.Module):
     self.lm = DecoderLM(c)
 
   def vision_features(self, images: jax.Array) -> jax.Array:
-    """images [B, M, F, H, W, C] → the vision tower's features [B, M, F, V, D].
-
-    Under logical axis rules and a mesh, the tower runs data parallel over the whole mesh
-    (sharding.vision_rules: its images split over `tensor` too) and its features return
-    to the batch layout the resampler and LM use."""
+    """images [B, M, F, H, W, C] → the vision tower's features [B, M, F, V, D], computed
+    data parallel over the whole mesh (sharding.data_parallel: `tensor` too), then laid
+    out for the resampler and LM (the batch over the batch axes)."""
     b, m, f = images.shape[:3]
-    images = images.reshape((b * m * f,) + images.shape[3:])
-    rules = nn.get_logical_axis_rules()
-    with nn.logical_axis_rules(sharding.vision_rules(rules, images.shape[0],
-                                                     jax.sharding.get_abstract_mesh())):
-      images = nn.with_logical_constraint(images, ("act_batch", None, None, None))
-      features = nn.with_logical_constraint(self.vision(images), ("act_batch", "act_len", "act_embed"))
+    features = sharding.data_parallel(self.vision, images.reshape((b * m * f,) + images.shape[3:]))
     # The vision tower is frozen: no gradient flows into it, whatever the optimizer mask.
     features = jax.lax.stop_gradient(features.reshape((b, m, f) + features.shape[1:]))
     return nn.with_logical_constraint(features, ("act_batch", None, None, "act_len", "act_embed"))

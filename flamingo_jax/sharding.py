@@ -8,6 +8,7 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -93,20 +94,43 @@ def rules(overrides=()) -> tuple:
   return overrides + tuple(r for r in DEFAULT_RULES if r[0] not in names)
 
 
-def vision_rules(rules: tuple, batch: int, mesh) -> tuple:
-  """`rules` for the frozen vision tower: data parallel over the whole mesh. Its `batch`
-  images are split over every axis, `tensor` included (a tensor group's devices encode
-  different images, not the same ones), so no activation is split over `tensor`; its
-  weights keep their layout (XLA gathers what it needs). Unchanged without rules or a mesh,
-  or when `batch` does not split over the whole mesh."""
-  if not rules or mesh.empty or batch % mesh.size:
-    return rules
+def vision_rules(rules: tuple) -> tuple:
+  """`rules` for the frozen vision tower (`data_parallel`): the batch over every mesh axis,
+  so no activation over `tensor`; the weights keep their layout (XLA gathers what it
+  needs)."""
   def drop(axes):
     if isinstance(axes, tuple):
       return tuple(a for a in axes if a != "tensor") or None
     return None if axes == "tensor" else axes
-  return (("act_batch", tuple(mesh.axis_names)),) + tuple(
+  return (("act_batch", BATCH_AXES + ("tensor",)),) + tuple(
       (name, drop(axes)) for name, axes in rules if name != "act_batch")
+
+
+def data_parallel(fn, x: jax.Array) -> jax.Array:
+  """`fn(x)` for an example-by-example `fn` ([N, ...] → [N, ...]: the frozen vision tower)
+  run data parallel over the whole mesh: each batch shard's examples also split over
+  `tensor` (padded to a multiple of it), under `vision_rules`, so the devices of a tensor
+  group encode different images, not the same ones. Plain `fn(x)` without rules or a
+  mesh, or when N does not split over the batch shards."""
+  rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty or mesh.shape.get("tensor", 1) == 1:
+    return fn(x)
+  tensor = mesh.shape["tensor"]
+  shards, n = mesh.size // tensor, x.shape[0]
+  if n % shards:
+    return fn(x)
+  # [shards, n / shards] splits each batch shard's rows in place; padding them to a
+  # multiple of `tensor` keeps the split over `tensor` a local slice.
+  per = n // shards
+  pad = -per % tensor
+  x = x.reshape((shards, per) + x.shape[1:])
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape((-1,) + x.shape[2:])
+  batch = lambda y: ("act_batch",) + (None,) * (y.ndim - 1)
+  with nn.logical_axis_rules(vision_rules(rules)):
+    y = fn(nn.with_logical_constraint(x, batch(x)))
+    y = nn.with_logical_constraint(y, batch(y))
+  y = y.reshape((shards, per + pad) + y.shape[1:])[:, :per]
+  return y.reshape((n,) + y.shape[2:])
 
 
 def zero1(s: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:

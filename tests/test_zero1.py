@@ -138,6 +138,28 @@ def test_vision_tower_flops_per_device_fall_with_the_tensor_axis():
   assert flops[4] == pytest.approx(flops[1] / 4, rel=0.1), flops
 
 
+def test_vision_features_split_over_tensor_equal_one_device():
+  """6 examples of 5 images over data 2 × tensor 4: a batch shard's 15 images are padded to
+  16, 4 a device; the features are those of one device."""
+  program = build(small_config(data=2, tensor=4))
+  rng = np.random.default_rng(0)
+  vision = {"vision": jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32),
+                                   nn.unbox(program.abstract_params)["vision"])}
+  images = rng.normal(size=(6,) + program.batch_shapes["synthetic"]["images"].shape[1:])
+  images = images.astype(np.float32)
+  apply = lambda p, x: program.model.apply({"params": p}, x, method=Flamingo.vision_features)
+  want = jax.jit(apply)(vision, images)
+
+  def sharded(p, x):
+    with nn.logical_axis_rules(program.rules):
+      return apply(p, x)
+  replicated = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec())
+  with jax.set_mesh(program.mesh):
+    got = jax.jit(sharded, in_shardings=(replicated, sharding.batch_sharding(program.mesh)))(
+        vision, images)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_micro_batches_must_split_over_the_batch_shards():
   mesh = sharding.make_mesh(dict(data=8), jax.devices())
   check_against_mesh(small_config(microbatches=1), mesh)  # 8 examples over 8 shards
