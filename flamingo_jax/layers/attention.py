@@ -91,6 +91,16 @@ def dot_product_attention(q: jax.Array, keys_values: list[tuple[jax.Array, jax.A
   return out.reshape(b, t, h, d)
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                    mask: jax.Array | None, implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention`: with `implementation` 'cudnn', cuDNN's fused (flash)
+  kernel on GPU; 'xla', the same call lowered by XLA on any backend. One key segment,
+  k, v [B, K, S, D]; the other arguments as `dot_product_attention`'s."""
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # its layout: [B, S, K, D]
+  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                      scale=scale, implementation=implementation)
+
+
 class Attention(nn.Module):
   """Projections `query`, `key`, `value` ([in, heads*head_dim]) and `out`.
 
@@ -113,6 +123,7 @@ class Attention(nn.Module):
   zero_empty_rows: bool = False
   kv_cache: bool = False  # an LM's self-attention: uses `"cache"` / `"cache_update"`
   context_cache: bool = False
+  impl: str = "einsum"  # or fused_attention's 'cudnn' / 'xla' (used where it applies)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -133,8 +144,12 @@ class Attention(nn.Module):
         k = rotary.apply_rope(k, positions, **rope)
       k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, D]
       keys_values = self._with_cache(k, v, cache_rows) if self.kv_cache else [(k, v)]
-    out = dot_product_attention(q, keys_values, scale=self.head_dim ** -0.5, mask=mask,
-                                bias=bias, zero_empty_rows=self.zero_empty_rows)
+    scale = self.head_dim ** -0.5
+    if self.impl != "einsum" and bias is None and len(keys_values) == 1:  # no ALiBi, no cache
+      out = fused_attention(q, *keys_values[0], scale=scale, mask=mask, implementation=self.impl)
+    else:
+      out = dot_product_attention(q, keys_values, scale=scale, mask=mask, bias=bias,
+                                  zero_empty_rows=self.zero_empty_rows)
     out = out.reshape(out.shape[:-2] + (self.num_heads * self.head_dim,))
     return Dense(self.out_features or x.shape[-1], ("heads", "embed"), use_bias=self.out_bias,
                  name="out", **kw)(out)

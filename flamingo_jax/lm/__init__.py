@@ -16,6 +16,6 @@ def self_attention(config, h, attn: SelfAttentionInputs, *, bias=None, **kw):
   module = Attention(c.num_heads, c.dim_per_head, c.kv_heads, qkv_bias=c.use_bias,
                      out_bias=c.use_bias, rope_dim=c.rope_dim, rope_theta=c.rope_theta,
                      rope_scaling=c.rope_scaling, qk_norm=c.qk_norm, qk_norm_eps=c.norm_eps,
-                     kv_cache=True, name="attn", **kw)
+                     kv_cache=True, impl=c.attention_impl, name="attn", **kw)
   return module(h, mask=attn.mask, bias=bias, positions=attn.positions,
                 cache_rows=attn.cache_rows)

@@ -1,0 +1,22 @@
+"""The benchmarks run (how fast is for an idle machine, not for CI): benchmarks/train_step.py
+at a tiny shape against open_flamingo, whose first-step loss must equal ours."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_step_benchmark_runs_against_open_flamingo():
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--vs-openflamingo",
+         "--shape", "tiny", "--batch", "2", "--seq-len", "32", "--steps", "1"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  ours, theirs = r["flamingo_jax"], r["open_flamingo"]
+  # Same weights, same batch, same loss: the two steps are the same computation.
+  assert r["first_loss_rel_diff"] < 1e-5, (ours["first_loss"], theirs["first_loss"])
+  assert ours["analytic_flops"] > 0 and 0 < ours["mfu"] and ours["memory_gib"]["temporaries"] > 0
+  assert r["speedup"] == round(theirs["step_s"] / ours["step_s"], 3)
