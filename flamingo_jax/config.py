@@ -197,9 +197,14 @@ class LMConfig:
   qk_norm: bool = False  # mpt: LayerNorm over the full q and k (MosaicML attn_qk_ln / qk_ln)
   parallel_residual: bool = True  # gpt_neox
   max_seq_len: int = 2048
+  # Self-attention without a KV cache (training, scoring): 'einsum' (layers/attention.py,
+  # the reference), 'cudnn' (jax.nn.dot_product_attention's fused kernel; GPU) or 'xla'
+  # (the same call lowered by XLA: its CPU parity test). ALiBi (mpt) stays on 'einsum'.
+  attention_impl: str = "einsum"
 
   def check(self):
     _one_of(self.family, "family", LM_FAMILIES)
+    _one_of(self.attention_impl, "attention_impl", ("einsum", "cudnn", "xla"))
     _positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_seq_len")
     if not self.head_dim:
       _require(self.d_model % self.num_heads == 0, "num_heads",
