@@ -50,6 +50,18 @@ def test_compiles_a_small_config_for_a_v4_slice_and_memory_matches_the_arithmeti
   # The arithmetic itself: fsdp 2 splits the LM's weights (the vision tower stays
   # replicated), so a device holds between half and all of the bf16 frozen weights, and
   # between half and all of the fp32 trainable weights with their two Adam moments.
+  counts = wide_tiny_counts()
+  assert 0.5 * 2 * counts["frozen"] <= arith["frozen"] < 2 * counts["frozen"]
+  assert 0.5 * 12 * counts["trainable"] <= arith["state"] < 12 * counts["trainable"] + 4096
+  # The FLOP count and the step time it implies at 50% MFU on 4 chips of 275 TFLOP/s.
+  assert step["step_flops"] > 0
+  assert out["step_s_at_50_mfu"] == pytest.approx(step["step_flops"] / (0.5 * 275e12 * 4))
+  assert "fits" in p.stdout and "arithmetic" in p.stdout
+  assert step["collective_bytes"]["all-gather"] > 0  # fsdp gathers the weights
+
+
+def wide_tiny_counts() -> dict:
+  """summary.count of configs/tiny.py with WIDE_TINY's widths."""
   from config_files import load_config
   from flamingo_jax import summary
   from flamingo_jax.config import FlamingoConfig
@@ -57,13 +69,23 @@ def test_compiles_a_small_config_for_a_v4_slice_and_memory_matches_the_arithmeti
   config.model.lm.update(d_model=256, mlp_dim=512, vocab_size=1024)
   config.model.vision.update(width=128, mlp_dim=256)
   config.model.xattn.head_dim = config.model.resampler.head_dim = 128
-  counts = summary.count(FlamingoConfig.from_dict(config.model), tuple(config.trainable))
-  assert 0.5 * 2 * counts["frozen"] <= arith["frozen"] < 2 * counts["frozen"]
-  assert 0.5 * 12 * counts["trainable"] <= arith["state"] < 12 * counts["trainable"] + 4096
-  # The FLOP count and the step time it implies at 50% MFU on 4 chips of 275 TFLOP/s.
-  assert step["step_flops"] > 0
-  assert out["step_s_at_50_mfu"] == pytest.approx(step["step_flops"] / (0.5 * 275e12 * 4))
-  assert "fits" in p.stdout and "arithmetic" in p.stdout
+  return summary.count(FlamingoConfig.from_dict(config.model), tuple(config.trainable))
+
+
+def test_zero1_splits_the_optimizer_state_and_reduce_scatters_the_gradients():
+  """ZeRO-1 over data 4 on 4 v4 chips, in the compiled step's HLO: every gradient is
+  reduce-scattered (not all-reduced) into quarters, the updated weights all-gathered from
+  them; a device holds the fp32 weights and a quarter of their two Adam moments."""
+  p = train_compile("--config", "configs/tiny.py", "--topology", "v4:2x2x1", "--config.mesh.data=4",
+                    "--config.optimizer_sharding=zero1", *WIDE_TINY)
+  (step,) = json.loads(p.stdout.strip().splitlines()[-1])["steps"]
+  weights = 4 * wide_tiny_counts()["trainable"]  # fp32 bytes
+  c = step["collective_bytes"]
+  assert c["reduce-scatter"] == pytest.approx(weights, rel=0.02), c
+  assert c["all-gather"] == pytest.approx(weights / 4, rel=0.02), c
+  assert c["all-reduce"] < 0.01 * weights, c  # the loss, the norms, the few leaves that do not divide
+  assert step["arguments_arithmetic"]["state"] == pytest.approx(weights * (1 + 2 / 4), rel=0.01)
+  assert "reduce-scatter" in p.stdout
 
 
 def test_a_step_too_big_for_the_chip_does_not_fit():

@@ -2,8 +2,10 @@
 (`compiled.as_text()`): the operand bytes of each collective, per device, per step.
 
 A collective inside a loop (the micro-batch scan, a scanned layer stack) counts once per
-iteration (the loop's known trip count), unlike XLA's cost analysis, which counts a loop
-body once. Asynchronous pairs count at their `-start`.
+iteration, unlike XLA's cost analysis, which counts a loop body once: the trip count is
+the loop's `known_trip_count`, else the bound its condition compares the counter with
+(`i < N`, as scans lower). Asynchronous pairs count at their `-start`; TPU's reduce-scatter (an
+`all-reduce-scatter` fusion of an all-reduce and a slice) counts as one.
 """
 import collections
 import re
@@ -18,6 +20,7 @@ _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\((.*)$")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_BOUND = re.compile(r"%[\w.-]+, %([\w.-]+)\), direction=LT")  # a compare's operands
 
 
 def _bytes(shape: str) -> int:
@@ -30,6 +33,7 @@ def collective_bytes(hlo_text: str) -> dict:
   """Operand bytes one device feeds to each kind of collective in one run of the module's
   entry computation: {kind: bytes} over COLLECTIVES, plus `total`."""
   shapes, own, calls, entry, name = {}, collections.defaultdict(collections.Counter), {}, None, None
+  constants, bounds = {}, {}  # integer constants; loop condition → its `i < N` bound
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
     if m:
@@ -42,19 +46,29 @@ def collective_bytes(hlo_text: str) -> dict:
       continue
     result, shape, op, rest = m.groups()
     shapes[result] = shape
+    if op == "constant" and re.fullmatch(r"s32\[\]\S*", shape):
+      constants[result] = int(rest.split(")", 1)[0])
+    bound = _BOUND.match(rest) if op == "compare" and line.lstrip().startswith("ROOT") else None
+    if bound and bound.group(1) in constants:
+      bounds[name] = constants[bound.group(1)]
     kind = op[:-len("-start")] if op.endswith("-start") else op
+    if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+      kind = "reduce-scatter"  # TPU's reduce-scatter: a fused all-reduce + dynamic-slice
     if kind in COLLECTIVES:
       operands = rest.split(")", 1)[0]
       own[name][kind] += sum(_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.-]+)", operands))
     if op == "while":
       trip = _TRIP_COUNT.search(rest)
-      calls[name].append((re.search(r"body=%([\w.-]+)", rest).group(1), int(trip.group(1)) if trip else 1))
+      condition = re.search(r"condition=%([\w.-]+)", rest).group(1)
+      calls[name].append((re.search(r"body=%([\w.-]+)", rest).group(1),
+                          int(trip.group(1)) if trip else condition))
     else:  # fusions, calls, async wrappers: once each (reductions' to_apply hold no collectives)
       calls[name] += [(c, 1) for c in re.findall(r"calls=%([\w.-]+)", rest)]
 
   def total(computation, seen=()):
     out = collections.Counter(own[computation])
     for callee, times in calls.get(computation, ()):
+      times = bounds.get(times, 1) if isinstance(times, str) else times
       if callee not in seen:
         for k, v in total(callee, seen + (computation,)).items():
           out[k] += times * v

@@ -83,7 +83,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
   def step(state, frozen, batches):
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grads = jax.tree.map(jnp.zeros_like, params)
+    grads = constrain(jax.tree.map(jnp.zeros_like, params))
     metrics, total_loss = {}, 0.0
     skipped_records = dict(state["skipped_records"])
     for i, (name, batch) in enumerate(sorted(batches.items())):
@@ -96,6 +96,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
       def accumulate(carry, micro, rng=jax.random.fold_in(rng, i), count=count, weight=weight):
         g_sum, loss_sum = carry
         loss, g = value_and_grad(params, frozen, micro, count, rng)
+        g = constrain(g)  # ZeRO-1: reduce-scattered (not all-reduced) into the moments' layout
         return (jax.tree.map(lambda a, b: a + weight * b, g_sum, g), loss_sum + loss), None
 
       # Micro-batches run one after another under scan: memory of one, gradient of all.
@@ -105,7 +106,6 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
       metrics[f"loss_tokens/{name}"] = count
       total_loss = total_loss + weight * loss
 
-    grads = constrain(grads)  # ZeRO-1: a reduce-scatter instead of an all-reduce
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state["opt"], constrain(params))
