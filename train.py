@@ -2,7 +2,11 @@
 
   python train.py --config configs/demo.py --workdir /tmp/demo [--config.FIELD=VALUE ...]
 
-Re-running the same command on the same workdir resumes from its latest checkpoint.
+Re-running the same command on the same workdir resumes from its latest checkpoint (a
+finished one is left as it is; a larger --config.total_steps trains it on). Ctrl-C or
+SIGTERM saves a checkpoint and exits 0; a second Ctrl-C aborts at once. --print_config
+prints the resolved config; -v 0 shows the libraries' INFO logging. The workdir may be a
+bucket (gs://...): every path goes through etils epath.
 Sections: config → mesh → data → program (model, shardings and jitted steps, built by
 flamingo_jax/train/program.py exactly as train_compile.py builds them) → parameters →
 train state → loop.
@@ -10,14 +14,17 @@ train state → loop.
 import json
 import os
 import signal
+import threading
 import time
 
-from absl import app, flags, logging
+from absl import flags
+from etils import epath
 import jax
 import numpy as np
 from ml_collections import config_flags
 
-from flamingo_jax import sharding
+from flamingo_jax import cli, sharding
+from flamingo_jax.config import ConfigError, FlamingoConfig
 from flamingo_jax.data import loader, sources
 from flamingo_jax.lm import token_rows
 from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, partition
@@ -25,10 +32,13 @@ from flamingo_jax.train import program as program_lib
 from flamingo_jax.train.config import check, check_against_init, check_against_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here "
+                               "(a local path or gs://...).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 
 
 EVAL_BATCH = 64  # eval.py --batch-size 64 scores the same batches
+PROGRESS_EVERY_S = 10  # a progress line (step / total, rate, ETA) this often
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,23 +63,24 @@ def global_batch(local: dict, mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(spec, np.asarray(v)) for k, v in local.items()}
 
 
-def save_loss_plot(workdir: str) -> None:
+def save_loss_plot(workdir) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  workdir = epath.Path(workdir)
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   steps = [r["step"] for r in rows]
   fig, ax = plt.subplots(figsize=(6, 3.5))
   ax.plot(steps, [r["loss"] for r in rows])
   ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_yscale("log")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "loss.png"), dpi=100)
+  with (workdir / "loss.png").open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
-def evaluate(config, model, params, workdir: str, write: bool = True) -> dict | None:
+def evaluate(config, model, params, workdir, write: bool = True) -> dict | None:
   """The config's held-out evaluation (the demo's 0- vs 4-shot accuracy), as eval.py's
   synthetic task scores it."""
   if config.eval.kind != "synthetic_fewshot":
@@ -85,9 +96,50 @@ def evaluate(config, model, params, workdir: str, write: bool = True) -> dict | 
             "chance": runs[0]["chance"], "episodes": int(config.eval.episodes)}
   if write:
     print("held-out accuracy:", json.dumps(result), flush=True)
-    with open(os.path.join(workdir, "demo_results.json"), "w") as f:
-      json.dump(result, f, indent=1)
+    (epath.Path(workdir) / "demo_results.json").write_text(json.dumps(result, indent=1))
   return result
+
+
+def outputs(config, workdir) -> list:
+  """What a finished run leaves besides its checkpoints: the loss plot and the eval's
+  results."""
+  workdir = epath.Path(workdir)
+  return [workdir / "loss.png"] + (
+      [workdir / "demo_results.json"] if config.eval.kind == "synthetic_fewshot" else [])
+
+
+class StopSignals:
+  """SIGTERM or a first Ctrl-C asks the loop to save a checkpoint and stop; a second Ctrl-C
+  aborts at once. The signals are read by a thread from a wakeup fd: Python's own handlers
+  wait while the main thread is inside XLA (a compile, a long step), this does not."""
+
+  def __init__(self, say):
+    self.signal, self._say = None, say
+    read, self._write = os.pipe()
+    os.set_blocking(self._write, False)
+    self._previous = {s: signal.signal(s, lambda sig, frame: None)
+                      for s in (signal.SIGINT, signal.SIGTERM)}
+    self._previous_fd = signal.set_wakeup_fd(self._write)
+    threading.Thread(target=self._watch, args=(read,), daemon=True).start()
+
+  def _watch(self, read):
+    while data := os.read(read, 1):
+      sig = data[0]
+      if sig == signal.SIGINT and self.signal is not None:
+        os.write(2, b"\nCtrl-C again: aborted without saving\n")
+        os._exit(128 + sig)
+      if sig in (signal.SIGINT, signal.SIGTERM) and self.signal is None:
+        self.signal = sig
+        name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+        self._say(f"{name}: saving a checkpoint after this step, then exiting "
+                  "(Ctrl-C again aborts without saving)")
+    os.close(read)
+
+  def close(self):
+    signal.set_wakeup_fd(self._previous_fd)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    os.close(self._write)  # ends the thread
 
 
 def train(config, workdir: str, devices=None) -> dict:
@@ -101,12 +153,23 @@ def train(config, workdir: str, devices=None) -> dict:
     jax.distributed.initialize(d.coordinator_address or None, d.num_processes or None,
                                None if d.process_id < 0 else d.process_id)
   process, processes = jax.process_index(), jax.process_count()
-  os.makedirs(workdir, exist_ok=True)
+  say = (lambda line: print(line, flush=True)) if process == 0 else (lambda line: None)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= config.total_steps and all(p.exists() for p in outputs(config, workdir)):
+    ckpt.close()
+    say(f"{workdir} is finished: step {latest} of total_steps={config.total_steps}; nothing "
+        "to do (a larger --config.total_steps trains it on)")
+    return {"step": latest, "finished": True, "preempted": False, "eval": None, "state": None,
+            "frozen": None}
 
   # ---- mesh
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   check_against_mesh(config, mesh)
-  logging.info("mesh %s on %d devices", dict(mesh.shape), mesh.size)
+  say(f"{workdir}: building the model on {mesh.size} {jax.devices()[0].platform} devices "
+      f"(mesh {dict(mesh.shape)})")
 
   # ---- data: one iterator per dataset; this process loads its share of each batch
   iterators = {name: sources.build(name, d, seed=config.seed, process_index=process,
@@ -124,24 +187,21 @@ def train(config, workdir: str, devices=None) -> dict:
   # ---- parameters: trainable (fp32) and frozen (frozen_dtype) subtrees, in their shardings
   trainable, frozen, frozen_source = init_params(program, config)
   frozen_fingerprint = checkpoint.fingerprint(frozen)
-  logging.info("trainable %d, frozen %d parameters",
-               sum(x.size for x in jax.tree.leaves(trainable)),
-               sum(x.size for x in jax.tree.leaves(frozen)))
+  say(f"parameters: {sum(x.size for x in jax.tree.leaves(trainable)):,} trainable, "
+      f"{sum(x.size for x in jax.tree.leaves(frozen)):,} frozen ({frozen_source})")
 
   # ---- train state (the optimizer sees the trainable subtree only)
   state = program.init_state(trainable)
   del trainable
   state_shardings = program.state_shardings
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   manifest = dict(frozen_source=frozen_source, frozen_fingerprint=frozen_fingerprint,
                   config=config.to_json())
-  latest = ckpt.latest_step()
   if latest is not None:
     abstract = checkpoint.abstract_like(state, state_shardings)
     state, data_state, _ = ckpt.restore(latest, abstract, frozen_fingerprint)
     for name, it in iterators.items():
       it.set_state(data_state[name])
-    logging.info("resumed from step %d", latest)
+    say(f"resumed from the checkpoint at step {latest}")
 
   groups, steps = program.groups, program.steps
   peak = config.peak_flops_per_device or flops.peak_flops_per_device()
@@ -149,11 +209,15 @@ def train(config, workdir: str, devices=None) -> dict:
   examples_per_step = {g: sum(config.data[n].batch_size for n in g) for g in step_flops}
 
   # ---- loop
-  writer = metrics_lib.MetricWriter(workdir, enabled=process == 0)
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
   start_step = int(state["step"])
+  # Rows logged after the checkpoint we resume from (a killed run) are dropped: one per step.
+  writer = metrics_lib.MetricWriter(workdir, enabled=process == 0, start_step=start_step)
+  stop = StopSignals(say)
+  if start_step < config.total_steps:
+    say(f"step {start_step} of {config.total_steps}: compiling the train step...")
   window_start, window_steps, tokens, window, counts = time.perf_counter(), 0, 0.0, None, {}
+  loop_start = first_done = progress_at = window_start  # first_done: after the first step
+  preempted = False
   try:
     for step in range(start_step, config.total_steps):
       group = groups[step % len(groups)]
@@ -167,7 +231,8 @@ def train(config, workdir: str, devices=None) -> dict:
       window_steps += 1
       tokens += sum(float(np.asarray(b["attention_mask"]).sum()) for b in local.values())
       done = step + 1
-      if done % config.log_every == 0 or done == config.total_steps:
+      # The first step is logged too: its line shows the run is under way.
+      if done % config.log_every == 0 or done == config.total_steps or step == start_step:
         last, window = jax.device_get(m), jax.device_get(window)
         m = {k: v / counts[k] for k, v in window.items()}  # means over the window
         m.update(skipped=window["skipped"], nonfinite_total=last["nonfinite_total"])
@@ -190,22 +255,36 @@ def train(config, workdir: str, devices=None) -> dict:
             f"{int(state['nonfinite_in_row'])} updates in a row had a non-finite loss or "
             f"gradient (max_nonfinite_in_row={config.max_nonfinite_in_row}); lower "
             "optimizer.lr, check the data, or resume from an earlier checkpoint")
+      now = time.perf_counter()
+      if step == start_step:
+        first_done = progress_at = now
+        say(f"step {done} of {config.total_steps}: the first step (with its compile) took "
+            f"{now - loop_start:.1f} s")
+      elif now - progress_at >= PROGRESS_EVERY_S or done == config.total_steps:
+        progress_at = now
+        rate = (done - start_step - 1) / max(now - first_done, 1e-9)
+        say(f"step {done}/{config.total_steps} ({done / config.total_steps:.1%}) | "
+            f"{rate:.3g} steps/s | ETA {eta(config.total_steps - done, rate)}")
       data_state = {n: it.get_state() for n, it in iterators.items()}
-      if stop["signal"] is not None or done == config.total_steps or done % config.checkpoint_every == 0:
+      stopping = stop.signal is not None  # read once: the signal's thread may set it any time
+      if stopping or done == config.total_steps or done % config.checkpoint_every == 0:
         ckpt.save(done, state, data_state, manifest, force=True)
-      if stop["signal"] is not None:
-        logging.warning("SIGTERM: saved step %d, exiting", done)
+      if stopping:
+        preempted = True
+        ckpt.wait()
+        say(f"saved the checkpoint at step {done} of {config.total_steps}; the same command "
+            "resumes from it")
         break
   finally:
+    stop.close()
     for it in iterators.values():
       it.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
-    signal.signal(signal.SIGTERM, previous)
 
-  result = {"step": int(state["step"]), "preempted": stop["signal"] is not None, "eval": None}
-  if stop["signal"] is None:
+  result = {"step": int(state["step"]), "preempted": preempted, "eval": None}
+  if not preempted:
     if process == 0:
       save_loss_plot(workdir)
     if config.eval.kind:  # the frozen weights as trained (frozen_dtype): no fp32 copy
@@ -215,11 +294,27 @@ def train(config, workdir: str, devices=None) -> dict:
   return result
 
 
+def eta(steps: int, rate: float) -> str:
+  seconds = int(steps / rate) if rate > 0 else 0
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def main(argv):
   del argv
+  if _CONFIG.value is None:
+    raise ConfigError("--config: required, e.g. --config configs/tiny.py")
+  if _PRINT_CONFIG.value:  # with the model's defaults filled in
+    config = _CONFIG.value
+    config.model = FlamingoConfig.from_dict(config.model).to_dict()
+    print(config, end="")
+    return
+  if not _WORKDIR.value:
+    raise ConfigError("--workdir: required (checkpoints, metrics and results go there), "
+                      "e.g. --workdir /tmp/run")
   train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  # A mistake in the flags or the config is one line and exit status 2 (--traceback: the
+  # traceback); so is resuming onto other frozen weights.
+  cli.run_absl("train", main, (ConfigError, checkpoint.FrozenWeightsMismatch, ValueError, OSError))

@@ -3,11 +3,11 @@
 Frozen weights are not copied into checkpoints: the manifest records where they came
 from and a fingerprint, and resuming onto different frozen weights is refused. Restoring
 takes an abstract state whose leaves carry shardings, so a checkpoint written on one mesh
-restores onto another.
+restores onto another. The directory may be a bucket (gs://...): orbax takes an epath.
 """
 import hashlib
-import os
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,10 +36,13 @@ def fingerprint(frozen) -> str:
 class Checkpointer:
   """Asynchronous keep-N checkpoints under `directory` (e.g. WORKDIR/checkpoints)."""
 
-  def __init__(self, directory: str, keep: int = 3):
+  def __init__(self, directory, keep: int = 3):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                            create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    directory = epath.Path(directory)
+    if not directory.is_absolute():  # a relative local path (gs://... paths are absolute)
+      directory = directory.absolute()
+    self.manager = ocp.CheckpointManager(directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
