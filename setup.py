@@ -1,9 +1,10 @@
 """flamingo_jax: Flamingo visual language models in JAX/Flax."""
 from setuptools import find_packages, setup
 
-# Versions that resolve and run together on a fresh CPU machine (see README).
+# Versions that resolve and run together on a fresh CPU machine (see README). jax + jaxlib
+# is what jax[cpu] installs; an accelerator adds its plugin with an extra below.
 INSTALL_REQUIRES = [
-    "jax[cpu]==0.10.2",
+    "jax==0.10.2",
     "jaxlib==0.10.2",
     "flax==0.12.8",
     "optax==0.2.8",
@@ -14,6 +15,7 @@ INSTALL_REQUIRES = [
     # Reads tfds.data_source records for training: global index shuffle, threads and
     # worker processes that keep the order (so the batches never depend on them).
     "grain==0.2.18",
+    "etils[epath]==1.15.0",  # every file path (local or gs://), as orbax and TFDS do
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "pillow==13.0.0",
@@ -38,6 +40,13 @@ TORCH = ["torch==2.13.0"]
 # libtpu: the abstract TPU topologies train_compile.py compiles for (on a CPU machine
 # too), the version jax[tpu]==0.10.2 pins; tests/test_train_compile.py needs it.
 LIBTPU = ["libtpu==0.0.42.*"]
+# The jax of an accelerator (jax 0.10.2's own extras): TPU VMs `pip install -e ".[tpu]"`
+# (libtpu), NVIDIA GPUs `pip install -e ".[cuda]"` (the CUDA 12 plugin and its CUDA
+# wheels). gcsfs: etils epath's gs:// backend when TensorFlow is not installed (prepare,
+# the prepared reader, TFDS and orbax open bucket paths through epath).
+GCS = ["gcsfs"]
+TPU = ["jax[tpu]==0.10.2"] + GCS
+CUDA = ["jax[cuda12]==0.10.2"]
 TEST = TORCH + EVAL + LIBTPU + ["pytest==9.0.3", "einops==0.8.2", "einops-exts==0.0.4", "ftfy==6.3.1",
                 "sentencepiece==0.2.3", "regex"]
 
@@ -48,5 +57,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"torch": TORCH, "eval": EVAL, "tpu_compile": LIBTPU, "test": TEST},
+    extras_require={"torch": TORCH, "eval": EVAL, "tpu_compile": LIBTPU, "test": TEST,
+                    "tpu": TPU, "cuda": CUDA, "gcs": GCS},
 )

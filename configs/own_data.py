@@ -15,10 +15,10 @@ Arguments:
 
 The dataset is `config.data.own` (`--config.data.own.seq_len=64` etc.; its kind's
 default sequence length, the vision tower's image size). The tokenizer's ids come from
-the dataset's metadata: `tiny` is sized to them (vocabulary, `<image>` and
-`<|endofchunk|>` ids) and, having no pretrained weights, trains its LM too; any other
-model keeps its own ids, and train.py stops before compiling when the dataset's differ
-(data/sources.py `check_tokens`).
+the dataset's metadata: `tiny` (random weights: a check that the data flows, in seconds on
+a CPU) is sized to them (vocabulary, `<image>` and `<|endofchunk|>` ids); any other model
+keeps its own ids, and train.py stops before compiling when the dataset's differ
+(data/sources.py `check_tokens`). What trains is the paper's default (config.trainable).
 """
 import dataclasses
 import importlib.util
@@ -55,11 +55,12 @@ def get_config(arg=None):
     model.lm.vocab_size = -(-specials["vocab_size"] // 64) * 64  # a round size
     model.lm.max_seq_len = max(model.lm.max_seq_len, seq_len)
     model.media_token_id, model.eoc_token_id = specials["media_token_id"], specials["eoc_token_id"]
-    model.trainable_token_ids = ()  # the whole LM trains
-    config.trainable = ("resampler/.*", "lm/.*")
+    model.trainable_token_ids = (model.eoc_token_id, model.media_token_id)
   openflamingo = bool(arg.init) or arg.model.startswith("openflamingo")
+  # Every processing option with a value is a field, so --config.data.own.X=... can set it.
+  processing = {k: v for k, v in prepared.PROCESSING_DEFAULTS.items() if v is not None}
   config.data = dict(own=dict(
-      source="prepared", path=arg.path, kind=kind, tokenizer=arg.tokenizer,
+      processing, source="prepared", path=arg.path, kind=kind, tokenizer=arg.tokenizer,
       batch_size=arg.batch_size, weight=1.0, seq_len=seq_len,
       image_size=model.vision.image_size,
       # OpenFlamingo's labelling rules and CLIP preprocessing for its models; else the paper's.

@@ -2,6 +2,7 @@
 train.py with configs/own_data.py given the dataset's path; the checks of the dataset's
 tokenizer and image size against the model (one line, exit 2, before compiling); prepare
 and the prepared reader through etils epath (a bucket faked in memory)."""
+import functools
 import json
 import math
 import os
@@ -47,63 +48,85 @@ def dataset(tmp_path_factory, tokenizer_dir):
   return str(d / "out")
 
 
-def train_py(*args, workdir):
-  return subprocess.Popen([sys.executable, "train.py", *args, "--workdir", workdir], cwd=ROOT,
-                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def test_raw_files_to_training(dataset, tmp_path, tokenizer_dir):
-  workdir = str(tmp_path / "run")
-  proc = train_py("--config", f"configs/own_data.py:path={dataset},steps=4", workdir=workdir)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]
-  assert all(math.isfinite(r["loss"]) for r in rows)
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
-  # The tiny model was sized to the dataset's tokenizer.
-  config = load_config("own_data", f"path={dataset}")
+def mismatches(tokenizer_dir) -> dict:
+  """A mistake → (its --config.FIELD override, what the error must say: both values and
+  the flag that fixes it)."""
   specials = load_tokenizer(tokenizer_dir)[1]
-  assert config.model.lm.vocab_size >= specials.vocab_size
-  assert (config.model.media_token_id, config.model.eoc_token_id) == (
-      specials.media_token_id, specials.eoc_token_id)
-
-
-def test_mismatches_are_one_line_before_compiling(dataset, tmp_path, tokenizer_dir):
-  """Each mistake: exit status 2, one line on stderr naming both values and the fix."""
-  specials = load_tokenizer(tokenizer_dir)[1]
-  n, image = specials.vocab_size, specials.media_token_id
-  arg = f"configs/own_data.py:path={dataset}"
-  cases = {  # the command's flags → what the line must say
-      "vocab": (["--config", arg, f"--config.model.lm.vocab_size={n - 1}"],
+  n, image, eoc = specials.vocab_size, specials.media_token_id, specials.eoc_token_id
+  return {
+      "vocab": (f"model.lm.vocab_size={n - 1}",
                 [f"{n} tokens", f"model.lm.vocab_size is {n - 1}",
                  f"--config.model.lm.vocab_size={n}"]),
-      "image id": (["--config", arg, "--config.model.media_token_id=5"],
+      "image id": ("model.media_token_id=5",
                    [f"<image> id is {image}", "model.media_token_id is 5",
                     f"--config.model.media_token_id={image}"]),
-      "image size": (["--config", arg, "--config.data.own.image_size=16"],
+      "eoc id": ("model.eoc_token_id=7",
+                 [f"<|endofchunk|> id is {eoc}", "model.eoc_token_id is 7",
+                  f"--config.model.eoc_token_id={eoc}"]),
+      "image size": ("data.own.image_size=16",
                      ["data.own.image_size: 16 px", "takes 32 px",
                       "--config.data.own.image_size=32"]),
   }
-  procs = {k: train_py(*flags, workdir=str(tmp_path / k)) for k, (flags, _) in cases.items()}
-  for k, proc in procs.items():
-    _, err = proc.communicate(timeout=300)
-    lines = err.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, (k, err[-3000:])
-    for words in cases[k][1]:
-      assert words in lines[0], (k, lines[0])
-    assert not os.path.exists(tmp_path / k / "metrics.jsonl"), k
 
 
-def test_the_tokens_are_checked_before_the_program_is_built(dataset, monkeypatch):
+@pytest.mark.parametrize("case", ["vocab", "image id", "eoc id", "image size"])
+def test_mismatches_are_refused_before_the_program_is_built(dataset, tokenizer_dir, monkeypatch,
+                                                            case):
   import train as train_lib
   from flamingo_jax.train import program
-  monkeypatch.setattr(program, "build", lambda *a, **k: pytest.fail("compiled first"))
+  monkeypatch.setattr(program, "build", lambda *a, **k: pytest.fail("built the program first"))
+  override, words = mismatches(tokenizer_dir)[case]
   config = load_config("own_data", f"path={dataset}")
-  config.model.eoc_token_id = 7
-  with pytest.raises(ConfigError, match="<|endofchunk|> id is .*, but model.eoc_token_id is 7"):
+  field, value = override.split("=")
+  *parents, last = field.split(".")
+  functools.reduce(getattr, parents, config)[last] = int(value)  # as --config.FIELD=VALUE
+  with pytest.raises(ConfigError) as e:
     train_lib.train(config, "/nonexistent/never/made")
+  for w in words:
+    assert w in str(e.value)
+
+
+class Run:
+  """train.py in a background process, its output in files."""
+
+  def __init__(self, root: str, *args):
+    self.workdir = os.path.join(root, "workdir")
+    os.makedirs(root, exist_ok=True)
+    self.out, self.err = (open(os.path.join(root, name), "w+") for name in ("out", "err"))
+    self.proc = subprocess.Popen([sys.executable, "train.py", *args, "--workdir", self.workdir],
+                                 cwd=ROOT, env=ENV, stdout=self.out, stderr=self.err, text=True)
+
+  def wait(self) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr)."""
+    self.proc.wait(timeout=600)
+    self.out.seek(0), self.err.seek(0)
+    return self.proc.returncode, self.out.read(), self.err.read()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(tmp_path_factory, dataset, tokenizer_dir):
+  """The README's commands, started with the module's first test (a tiny model's step
+  compiles for tens of seconds; the other tests run meanwhile): the tiny model on the
+  dataset, a converted model fine-tuned on it (`init=`; here the tiny model at random,
+  saved as flamingo_jax.convert.openflamingo saves one), and a mismatch."""
+  from flamingo_jax.config import FlamingoConfig
+  from flamingo_jax.convert.openflamingo import save_converted
+  from flamingo_jax.load_model import random_init
+  from flamingo_jax.model import Flamingo
+  root = str(tmp_path_factory.mktemp("runs"))
+  out = {"train": Run(f"{root}/train", "--config", f"configs/own_data.py:path={dataset},steps=4")}
+  override, _ = mismatches(tokenizer_dir)["vocab"]  # the one that trained on NaN
+  out["mismatch"] = Run(f"{root}/mismatch", "--config", f"configs/own_data.py:path={dataset}",
+                        f"--config.{override}")
+  model = Flamingo(FlamingoConfig.from_dict(load_config("own_data", f"path={dataset}").model))
+  out["converted"] = f"{root}/converted"
+  save_converted(out["converted"], model, random_init(model, 1), load_tokenizer(tokenizer_dir)[0])
+  out["fine-tune"] = Run(f"{root}/fine-tune", "--config",
+                         f"configs/own_data.py:path={dataset},init={out['converted']},steps=2")
+  yield out
+  for name in ("train", "mismatch", "fine-tune"):
+    if out[name].proc.poll() is None:
+      out[name].proc.kill()
 
 
 def test_openflamingo_keeps_its_ids_and_is_refused_other_data(dataset, tokenizer_dir):
@@ -179,3 +202,39 @@ def test_prepare_and_the_reader_go_through_epath(bucket, dataset, tmp_path):
   assert load_config("own_data", "path=gs://b/out").data.own.path == "gs://b/out"
   with pytest.raises(prepare.PrepareError, match="--output: gs://b/out/flamingo_pairs/1.0.0 exists"):
     prepare.check_arguments("pairs", table, "gs://b/out")
+
+
+# The runs the `runs` fixture started.
+
+def test_raw_files_to_training(runs, dataset, tokenizer_dir):
+  status, _, err = runs["train"].wait()
+  assert status == 0, err[-3000:]
+  workdir = runs["train"].workdir
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(math.isfinite(r["loss"]) for r in rows)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+  # The tiny model was sized to the dataset's tokenizer.
+  config = load_config("own_data", f"path={dataset}")
+  specials = load_tokenizer(tokenizer_dir)[1]
+  assert config.model.lm.vocab_size >= specials.vocab_size
+  assert (config.model.media_token_id, config.model.eoc_token_id) == (
+      specials.media_token_id, specials.eoc_token_id)
+
+
+def test_fine_tuning_a_converted_model(runs, dataset):
+  config = load_config("own_data", f"path={dataset},init={runs['converted']}")
+  assert config.init == runs["converted"] and config.data.own.rules == "openflamingo"
+  status, _, err = runs["fine-tune"].wait()
+  assert status == 0, err[-3000:]
+  with open(os.path.join(runs["fine-tune"].workdir, "checkpoints", "2", "manifest", "metadata")) as f:
+    assert runs["converted"] in f.read()  # the frozen weights are the converted folder's
+
+
+def test_a_mismatch_is_one_line_and_exit_status_2(runs, tokenizer_dir):
+  status, _, err = runs["mismatch"].wait()
+  lines = err.strip().splitlines()
+  assert status == 2 and len(lines) == 1, err[-3000:]
+  assert all(w in lines[0] for w in mismatches(tokenizer_dir)["vocab"][1]), lines[0]
+  assert not os.path.exists(os.path.join(runs["mismatch"].workdir, "metrics.jsonl"))
