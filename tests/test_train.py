@@ -61,6 +61,47 @@ def test_only_trainable_parameters_change(reference_run, tmp_path):
   assert trained["lm/new_tokens/embedding"].dtype == np.float32
 
 
+def frozen_kernels(config) -> dict:
+  """Module path → kernel shape [in, out] of every frozen matmul weight of `config`."""
+  import flax.linen as nn
+  from flamingo_jax.train import partition
+  _, frozen = partition.split(nn.unbox(program_for(config).abstract_params), tuple(config.trainable))
+  return {k[:-len("/kernel")]: tuple(v.shape[-2:])
+          for k, v in tu.flatten_dict(frozen, sep="/").items() if k.endswith("/kernel")}
+
+
+def weight_gradient_matmuls(config, kernels: dict) -> list[str]:
+  """The backward matmuls (`transpose(jvp(...))` in XLA's op names) of `config`'s compiled
+  step that output the kernel shape of one of `kernels`' modules: its weight gradient."""
+  import re
+  program = program_for(config)
+  hlo = program.lower(program.groups[0]).compile().as_text()
+  found = set()
+  for line in hlo.splitlines():
+    m = re.search(r'= f32\[([\d,]+)\]\S* (?:dot|fusion)\(.*op_name="([^"]*transpose\(jvp[^"]*'
+                  r'dot_general)"', line)
+    if not m:
+      continue
+    shape = tuple(int(x) for x in m.group(1).split(","))[-2:]
+    for module, kernel in kernels.items():
+      tail = "/".join(module.split("/")[-3:])  # op names drop the scanned stack's prefix
+      if f"/{tail}/" in m.group(2) and shape in (kernel, kernel[::-1]):
+        found.add(module)
+  return sorted(found)
+
+
+def test_compiled_step_computes_no_frozen_weight_gradient():
+  """No frozen weight gets a gradient matmul in the compiled step (activation gradients
+  still flow through the frozen LM). The same search finds them once the LM's MLPs train."""
+  config = tiny_config()
+  kernels = frozen_kernels(config)
+  assert any("/mlp/" in k for k in kernels) and any(k.startswith("vision/") for k in kernels)
+  assert weight_gradient_matmuls(config, kernels) == []
+  config.trainable = tuple(config.trainable) + (r"lm/groups/layer_\d+/mlp/.*",)
+  found = weight_gradient_matmuls(config, kernels)
+  assert found and all("/mlp/" in k for k in found), found
+
+
 def test_optimizer_state_has_no_frozen_leaf(reference_run):
   _, result = reference_run
   trainable_shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(result["state"]["params"])}
