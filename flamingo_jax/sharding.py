@@ -110,8 +110,8 @@ def data_parallel(fn, x: jax.Array) -> jax.Array:
   """`fn(x)` for an example-by-example `fn` ([N, ...] → [N, ...]: the frozen vision tower)
   run data parallel over the whole mesh: each batch shard's examples also split over
   `tensor` (padded to a multiple of it), under `vision_rules`, so the devices of a tensor
-  group encode different images, not the same ones. Plain `fn(x)` without rules or a
-  mesh, or when N does not split over the batch shards."""
+  group encode different images, not the same ones. Plain `fn(x)` without rules, a mesh
+  or a `tensor` axis, or when N does not split over the batch shards."""
   rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty or mesh.shape.get("tensor", 1) == 1:
     return fn(x)
