@@ -248,7 +248,9 @@ def test_config_mistakes_are_reported_before_compiling(tmp_path):
 
 def test_microbatches_give_the_same_update(reference_run, tmp_path):
   workdir, _ = reference_run
-  train_lib.train(tiny_config(total_steps=10, microbatches=2), str(tmp_path))
+  # 4 devices: each micro-batch of 4 must split over the batch shards (checked).
+  train_lib.train(tiny_config(total_steps=10, microbatches=2), str(tmp_path),
+                  devices=jax.devices()[:4])
   ours, ref = losses(str(tmp_path)), losses(workdir)
   np.testing.assert_allclose([ours[s] for s in range(1, 11)], [ref[s] for s in range(1, 11)],
                              rtol=1e-4)
