@@ -47,6 +47,9 @@ def flag_error(e: Exception, argv) -> str:
   """absl's or ml_collections' error for a bad --config file or --config.FIELD, as one
   line that names the flag (others as they are)."""
   text = str(e)
+  if "Error whilst parsing config file" in text:  # ml_collections adds get_config's traceback
+    head, trace = text.split("Error whilst parsing config file", 1)
+    text = head + re.sub(r"^[\w.]*(Error|Exception): ", "", trace.strip().splitlines()[-1])
   missing = re.search(r"No such file or directory: '([^']*)'", text)
   if missing and "Failed loading config file" in text:
     return f"--config: {missing.group(1)} does not exist; give a config file, e.g. configs/tiny.py"

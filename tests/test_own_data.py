@@ -69,23 +69,6 @@ def mismatches(tokenizer_dir) -> dict:
   }
 
 
-@pytest.mark.parametrize("case", ["vocab", "image id", "eoc id", "image size"])
-def test_mismatches_are_refused_before_the_program_is_built(dataset, tokenizer_dir, monkeypatch,
-                                                            case):
-  import train as train_lib
-  from flamingo_jax.train import program
-  monkeypatch.setattr(program, "build", lambda *a, **k: pytest.fail("built the program first"))
-  override, words = mismatches(tokenizer_dir)[case]
-  config = load_config("own_data", f"path={dataset}")
-  field, value = override.split("=")
-  *parents, last = field.split(".")
-  functools.reduce(getattr, parents, config)[last] = int(value)  # as --config.FIELD=VALUE
-  with pytest.raises(ConfigError) as e:
-    train_lib.train(config, "/nonexistent/never/made")
-  for w in words:
-    assert w in str(e.value)
-
-
 class Run:
   """train.py in a background process, its output in files."""
 
@@ -103,9 +86,9 @@ class Run:
     return self.proc.returncode, self.out.read(), self.err.read()
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def runs(tmp_path_factory, dataset, tokenizer_dir):
-  """The README's commands, started with the module's first test (a tiny model's step
+  """The README's commands, started by the module's first test (a tiny model's step
   compiles for tens of seconds; the other tests run meanwhile): the tiny model on the
   dataset, a converted model fine-tuned on it (`init=`; here the tiny model at random,
   saved as flamingo_jax.convert.openflamingo saves one), and a mismatch."""
@@ -127,6 +110,31 @@ def runs(tmp_path_factory, dataset, tokenizer_dir):
   for name in ("train", "mismatch", "fine-tune"):
     if out[name].proc.poll() is None:
       out[name].proc.kill()
+
+
+def test_init_takes_the_converted_model(runs, dataset):
+  config = load_config("own_data", f"path={dataset},init={runs['converted']}")
+  with open(os.path.join(runs["converted"], "config.json")) as f:
+    assert config.model.to_dict() == json.load(f)
+  assert config.init == runs["converted"]
+  assert (config.data.own.rules, config.data.own.image_mode) == ("openflamingo", "clip")
+
+
+@pytest.mark.parametrize("case", ["vocab", "image id", "eoc id", "image size"])
+def test_mismatches_are_refused_before_the_program_is_built(dataset, tokenizer_dir, monkeypatch,
+                                                            case):
+  import train as train_lib
+  from flamingo_jax.train import program
+  monkeypatch.setattr(program, "build", lambda *a, **k: pytest.fail("built the program first"))
+  override, words = mismatches(tokenizer_dir)[case]
+  config = load_config("own_data", f"path={dataset}")
+  field, value = override.split("=")
+  *parents, last = field.split(".")
+  functools.reduce(getattr, parents, config)[last] = int(value)  # as --config.FIELD=VALUE
+  with pytest.raises(ConfigError) as e:
+    train_lib.train(config, "/nonexistent/never/made")
+  for w in words:
+    assert w in str(e.value)
 
 
 def test_openflamingo_keeps_its_ids_and_is_refused_other_data(dataset, tokenizer_dir):
@@ -153,6 +161,23 @@ def test_config_argument(dataset):
                      ("path=/nonexistent", "expected one prepared dataset")):
     with pytest.raises(ConfigError, match=field):
       load_config("own_data", bad)
+
+
+def test_a_config_argument_mistake_is_one_line(dataset):
+  """As train.py's flag parsing reports it (cli.run_absl → cli.flag_error): the error of
+  get_config, not the traceback ml_collections wraps around it."""
+  from absl import flags
+  from ml_collections import config_flags
+  from flamingo_jax import cli
+  for arg, words in ((f"path={dataset},step=3", "config argument 'step': unknown"),
+                     ("steps=3", "config argument path: not set")):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+    argv = ["train.py", "--config", f"{ROOT}/configs/own_data.py:{arg}"]
+    with pytest.raises(flags.Error) as e:
+      values(argv)
+    line = cli.flag_error(e.value, argv)
+    assert "\n" not in line and "Traceback" not in line and words in line, line
 
 
 @pytest.fixture
@@ -223,9 +248,7 @@ def test_raw_files_to_training(runs, dataset, tokenizer_dir):
       specials.media_token_id, specials.eoc_token_id)
 
 
-def test_fine_tuning_a_converted_model(runs, dataset):
-  config = load_config("own_data", f"path={dataset},init={runs['converted']}")
-  assert config.init == runs["converted"] and config.data.own.rules == "openflamingo"
+def test_fine_tuning_a_converted_model(runs):
   status, _, err = runs["fine-tune"].wait()
   assert status == 0, err[-3000:]
   with open(os.path.join(runs["fine-tune"].workdir, "checkpoints", "2", "manifest", "metadata")) as f:
