@@ -51,7 +51,8 @@ def feature(record: dict, key: str, name: str):
   for part in key.split("/"):
     if not isinstance(value, dict) or part not in value:
       raise TfdsSourceError(f"{name}: no feature {key!r} in its records (top-level features: "
-                            f"{sorted(record)}); set image_key / text_key")
+                            f"{sorted(record)}); set data.NAME.image_key / text_key (prepare: "
+                            "--image-key / --text-key)")
     value = value[part]
   return value
 
