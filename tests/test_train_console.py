@@ -98,8 +98,8 @@ def runs(tmp_path_factory):
   """One workdir trained 16 steps straight, and the same command again (and with -v 0);
   then a copy of it as a kill after step 8's checkpoint leaves it (its checkpoints at 12
   and 16 gone; their metrics rows and TensorBoard points stay), which is finished for
-  total_steps=8 and trained on with a larger total_steps, stopped by Ctrl-C after its
-  first step, and resumed (from a relative path) to 16."""
+  total_steps=8 and trained on with a larger total_steps, stopped by Ctrl-C while its
+  train step compiles, and resumed (from a relative path) to 16."""
   r = {}
   straight = r["straight"] = str(tmp_path_factory.mktemp("straight"))
   r["straight_code"], r["straight_out"] = run("--workdir", straight, *STEPS)
@@ -115,12 +115,12 @@ def runs(tmp_path_factory):
   for step in (12, 16):
     shutil.rmtree(os.path.join(killed, "checkpoints", str(step)))
   r["finished_at_8"] = run("--workdir", killed, *STEPS, "--config.total_steps=8")
-  proc = train_py("--workdir", killed, *STEPS, "--config.total_steps=1000")
-  lines = read_until(proc, r"^step +9 \|")
+  proc = train_py("--workdir", killed, *STEPS, "--config.total_steps=100")
+  lines = read_until(proc, r"^step 8 of 100: compiling")
   proc.send_signal(signal.SIGINT)
   out = "".join(lines) + proc.communicate(timeout=300)[0]
   r["ctrl_c"] = (proc.returncode, out)
-  saved = re.search(r"^saved the checkpoint at step (\d+) of 1000;", r["ctrl_c"][1], re.M)
+  saved = re.search(r"^saved the checkpoint at step (\d+) of 100;", r["ctrl_c"][1], re.M)
   assert saved, r["ctrl_c"][1]
   r["k"] = int(saved.group(1))
   r["k_saved"] = os.path.isdir(os.path.join(killed, "checkpoints", str(r["k"])))
@@ -158,7 +158,7 @@ def test_a_finished_workdir_is_left_as_it_is(runs):
 
 def test_a_larger_total_steps_trains_a_finished_workdir_on(runs):
   code, out = runs["ctrl_c"]
-  assert "resumed from the checkpoint at step 8" in out and "step 8 of 1000: compiling" in out, out
+  assert "resumed from the checkpoint at step 8" in out and "step 8 of 100: compiling" in out, out
   assert re.search(r"^step +9 \| ", out, re.M), out
 
 
@@ -166,7 +166,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(runs):
   code, out = runs["ctrl_c"]
   assert code == 0, out
   assert "Ctrl-C: saving a checkpoint after this step, then exiting" in out, out
-  assert f"saved the checkpoint at step {runs['k']} of 1000; the same command resumes from it" in out
+  assert f"saved the checkpoint at step {runs['k']} of 100; the same command resumes from it" in out
   assert 9 <= runs["k"] < 16 and runs["k_saved"], out
   assert "Traceback" not in out and not LIBRARY_LINE.search(out), out
 
@@ -181,15 +181,21 @@ def test_the_resumed_run_ends_bitwise_on_the_straight_runs_state(runs):
 
 
 def test_metrics_have_one_row_per_step_after_resumes(runs):
-  """The straight run's rows past step 8 are dropped when the copy resumes from 8, and
-  TensorBoard is told to drop its points from 9 on (then from k + 1 on)."""
+  """The straight run's rows past step 8 are dropped when the copy resumes from 8."""
   k = runs["k"]
   rows = lambda w: [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
   ours, straight = rows(runs["killed"]), rows(runs["straight"])
   steps = [r["step"] for r in ours]
   assert steps == sorted(set(steps)) and steps[-1] == 16 and {9, k + 1} <= set(steps), steps
   assert [r for r in ours if r["step"] <= 8] == [r for r in straight if r["step"] <= 8]
-  assert tensorboard_starts(runs["killed"]) == [1, 9, k + 1]
+
+
+def test_tensorboard_drops_the_points_past_each_resume(runs):
+  """Each run's event file starts with a SessionLog START at its first step: TensorBoard
+  hides the earlier files' points from there on (9 for the copy of the straight run
+  resumed at 8, k + 1 for its resume after Ctrl-C)."""
+  assert tensorboard_starts(runs["straight"]) == [1]
+  assert tensorboard_starts(runs["killed"]) == [1, 9, runs["k"] + 1]
 
 
 STOP_SIGNALS = """
