@@ -143,8 +143,9 @@ class StopSignals:
 
 
 def train(config, workdir: str, devices=None) -> dict:
-  """Runs (or resumes) training; returns the final state, frozen params and eval result.
-  `devices`: the mesh's devices (default: all)."""
+  """Runs (or resumes) training; returns the final state, frozen params and eval result
+  (on a finished workdir: nothing done, `finished` True, no state). `devices`: the mesh's
+  devices (default: all)."""
   # ---- config (every mistake is reported here, before anything compiles)
   model_config = check(config)
   if config.distributed.enabled:
@@ -158,7 +159,8 @@ def train(config, workdir: str, devices=None) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   latest = ckpt.latest_step()
-  if latest is not None and latest >= config.total_steps and all(p.exists() for p in outputs(config, workdir)):
+  finished = latest is not None and latest >= config.total_steps
+  if finished and all(p.exists() for p in outputs(config, workdir)):  # else: plot and eval
     ckpt.close()
     say(f"{workdir} is finished: step {latest} of total_steps={config.total_steps}; nothing "
         "to do (a larger --config.total_steps trains it on)")

@@ -28,9 +28,9 @@ LIBRARY_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ ", re.M)
 
 
 def train_py(*args, config=TINY, cwd=ROOT, env=ENV):
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", config, *args],
-                          cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, *args]
+  return subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
 
 
 def run(*args, **kwargs) -> tuple[int, str]:
@@ -138,7 +138,8 @@ def test_the_console_says_what_happens_and_nothing_else(runs):
   first = next(i for i, line in enumerate(lines) if line.startswith("step       1 | "))
   assert compiling < first, out
   # The first metrics line is step 1's, not log_every's (4).
-  assert [int(line.split()[1]) for line in lines if re.match(r"step +\d+ \|", line)] == [1, 4, 8, 12, 16]
+  logged = [int(line.split()[1]) for line in lines if re.match(r"step +\d+ \|", line)]
+  assert logged == [1, 4, 8, 12, 16], out
   assert re.search(r"^step 1 of 16: the first step \(with its compile\) took [\d.]+ s$", out, re.M), out
   assert re.search(r"^step 16/16 \(100\.0%\) \| [\d.e+]+ steps/s \| ETA 0:00:00$", out, re.M), out
 
@@ -247,8 +248,10 @@ def mistakes(tmp_path_factory):
     workdir = [] if name == "no workdir" else ["--workdir", str(tmp / name)]
     config = "configs/nothere.py" if name == "no config file" else TINY
     procs[name] = train_py(*workdir, *args, config=config)
-  procs["traceback"] = train_py("--workdir", str(tmp / "traceback"), "--config.total_steps=0", "--traceback")
-  procs["print_config"] = train_py("--print_config", "--config.total_steps=7", "--config.model.lm.d_model=32")
+  procs["traceback"] = train_py("--workdir", str(tmp / "traceback"), "--config.total_steps=0",
+                                "--traceback")
+  procs["print_config"] = train_py("--print_config", "--config.total_steps=7",
+                                   "--config.model.lm.d_model=32")
   outs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
   return {name: (p.returncode, outs[name], tmp / name) for name, p in procs.items()}
 
