@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_models import (ROOT, SHAPES, build_reference, init_ours, jax_config,  # noqa: E402
+from benchmark_models import (SHAPES, build_reference, init_ours, jax_config,  # noqa: E402
                               load_ours, log, machine, pin_threads, timed)
 
 REFERENCE_SHAPES = ("small", "tiny")  # shapes with a PyTorch build here
@@ -157,8 +157,7 @@ def run(a) -> dict:
                        "bf16 is CUDA autocast)")
     model_config = model.config
   elif a.shape == "flamingo_3b":
-    sys.path.insert(0, ROOT)
-    from configs import flamingo_3b
+    from configs import flamingo_3b  # the repository root is on sys.path (benchmark_models)
     from flamingo_jax.config import FlamingoConfig
     model_config = FlamingoConfig.from_dict(
         dict(flamingo_3b.get_config().model, dtype=a.dtype, param_dtype=a.dtype))
