@@ -24,7 +24,7 @@ def run_command(name: str, parse, work, argv=None, user_errors=(ValueError, OSEr
   try:
     args = parse(argv)
   except UsageError as e:
-    print(f"{name}: error: {e}", file=sys.stderr)
+    print_error(name, e)
     return 2
   except SystemExit as e:  # --help
     return int(e.code or 0)
@@ -32,14 +32,19 @@ def run_command(name: str, parse, work, argv=None, user_errors=(ValueError, OSEr
   try:
     work(args)
   except (UsageError,) + tuple(user_errors) as e:
-    print(f"{name}: error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
+    print_error(name, e)
     return 2
   return 0
 
 
-def fail(name: str, error) -> None:
-  """`name: error: …` as one line on stderr, exit status 2."""
+def print_error(name: str, error) -> None:
+  """`name: error: …` as one line on stderr."""
   print(f"{name}: error: {'; '.join(str(error).splitlines())}", file=sys.stderr)
+
+
+def fail(name: str, error) -> None:
+  """`print_error`, then exit status 2."""
+  print_error(name, error)
   sys.exit(2)
 
 
