@@ -214,16 +214,14 @@ def random_init(model, seed: int) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _init_fn(config: FlamingoConfig):
+  """train.py's init (train/program.init_fn), jitted and unboxed."""
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
 
   from flamingo_jax.model import Flamingo
-  size = config.vision.image_size
-  images_ = jnp.zeros((1, 1, 1, size, size, 3), jnp.float32)
-  ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.jit(lambda rng: nn.unbox(Flamingo(config).init(
-      rng, images_, ids, media_index=jnp.zeros(ids.shape, jnp.int32)))["params"])
+  from flamingo_jax.train.program import init_fn
+  init = init_fn(Flamingo(config))
+  return jax.jit(lambda rng: nn.unbox(init(rng)))
 
 
 def _restore_trainable(state_dir: str, model, patterns) -> dict:

@@ -78,7 +78,7 @@ class Program:
   def init_params(self, seed: int) -> tuple[dict, dict]:
     """(trainable float32, frozen in frozen_dtype), random from `seed`, created in their
     shardings inside one jit (no full float32 tree on any device)."""
-    init = _init_fn(self.model)
+    init = init_fn(self.model)
     patterns, dtype = tuple(self.config.trainable), self.frozen_dtype
 
     def make(rng):
@@ -110,7 +110,7 @@ def _cast(dtype, to):
   return to if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
-def _init_fn(model: Flamingo):
+def init_fn(model: Flamingo):
   """rng → boxed params. The parameters' shapes do not depend on the batch: init runs on
   one tiny dummy example (and with an explicit media index, so no `<image>` id is needed)."""
   size = model.config.vision.image_size
@@ -128,7 +128,7 @@ def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str,
   """`batch_shapes`: dataset → key → (global shape, dtype)."""
   rules = sharding.rules(config.sharding_rules)
   model = Flamingo(model_config)
-  abstract_params = jax.eval_shape(_init_fn(model), jax.random.PRNGKey(0))
+  abstract_params = jax.eval_shape(init_fn(model), jax.random.PRNGKey(0))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     param_shardings = nn.unbox(sharding.param_shardings(abstract_params, mesh, rules))
   trainable_shardings, frozen_shardings = partition.split(param_shardings, tuple(config.trainable))
