@@ -47,10 +47,8 @@ LIBTPU = ["libtpu==0.0.42.*"]
 GCS = ["gcsfs"]
 TPU = ["jax[tpu]==0.10.2"] + GCS
 CUDA = ["jax[cuda12]==0.10.2"]
-# pytest-xdist: the suite runs in two worker processes (-n 2, a file per worker), so one
-# file's (mostly single-threaded) XLA compiles overlap another's work.
 TEST = TORCH + EVAL + LIBTPU + [
-    "pytest==9.0.3", "pytest-xdist==3.8.0", "execnet==2.1.2", "einops==0.8.2",
+    "pytest==9.0.3", "einops==0.8.2",
     "einops-exts==0.0.4", "ftfy==6.3.1", "sentencepiece==0.2.3", "regex"]
 
 setup(
