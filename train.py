@@ -24,11 +24,10 @@ from ml_collections import config_flags
 from flamingo_jax import cli, sharding
 from flamingo_jax.config import ConfigError, FlamingoConfig
 from flamingo_jax.data import loader, sources
-from flamingo_jax.lm import token_rows
 from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, partition
 from flamingo_jax.train import program as program_lib
 from flamingo_jax.train.stop_signals import StopSignals
-from flamingo_jax.train.config import check, check_against_init, check_against_mesh
+from flamingo_jax.train.config import check, check_against_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here "
@@ -48,11 +47,7 @@ def init_params(program, config) -> tuple[dict, dict, str]:
   """(trainable, frozen, a description), in their shardings: random from `seed`, or a
   converted checkpoint (`init`)."""
   if config.init:
-    from flamingo_jax.convert.openflamingo import load_converted
-    init_model, params, _ = load_converted(config.init)
-    check_against_init(program.model_config, init_model.config, config.init)
-    params = token_rows.with_rows(params, program.model_config)
-    return (*program.place_params(params), os.path.abspath(config.init))
+    return (*program.restore_params(config.init), os.path.abspath(config.init))
   return (*program.init_params(config.seed), f"random init (seed {config.seed})")
 
 

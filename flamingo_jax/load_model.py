@@ -85,27 +85,36 @@ def _converted_tokenizer(path: str) -> str:
   return tok
 
 
-def restore_converted(path: str):
+def converted_config(path: str) -> FlamingoConfig:
+  """The model config (config.json) of a converted directory."""
+  return _read_config(os.path.join(path, "config.json"))
+
+
+def restore_converted(path: str, target=None):
   """(model, params) of a converted directory (`convert.openflamingo.load_converted`
-  adds the tokenizer); errors name the file."""
+  adds the tokenizer); errors name the file. `target`: the tree to restore into
+  (ShapeDtypeStructs of `abstract_params(converted_config(path))`'s shapes with the dtype
+  and sharding each leaf should have: orbax casts, and each process reads only its own
+  devices' shards); default: the saved dtypes, on the host."""
   import orbax.checkpoint as ocp
 
   from flamingo_jax.convert.state_dict import check_tree
   from flamingo_jax.model import Flamingo
 
-  model = Flamingo(_read_config(os.path.join(path, "config.json")))
-  target = _abstract_params(model.config)
+  model = Flamingo(converted_config(path))
+  expected = abstract_params(model.config)
   try:
-    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+    params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"),
+                                                expected if target is None else target)
   except Exception as e:  # orbax raises many types for missing / mis-shaped arrays
     raise LoadModelError(f"{path}/params: cannot restore the params config.json describes "
                          f"({type(e).__name__}: {e}); re-run the convert CLI") from e
-  check_tree(params, target, what=f"params restored from {path}")
+  check_tree(params, expected, what=f"params restored from {path}")
   return model, params
 
 
 @functools.lru_cache(maxsize=4)
-def _abstract_params(config: FlamingoConfig) -> dict:
+def abstract_params(config: FlamingoConfig) -> dict:
   """The model's parameter shapes (eval_shape of its init), once per config."""
   from flamingo_jax.convert.openflamingo import abstract_params
   from flamingo_jax.model import Flamingo
@@ -232,7 +241,7 @@ def _restore_trainable(state_dir: str, model, patterns) -> dict:
   from flamingo_jax.convert.state_dict import CheckpointMismatchError, check_tree
   from flamingo_jax.train import partition
 
-  want, _ = partition.split(_abstract_params(model.config), patterns)
+  want, _ = partition.split(abstract_params(model.config), patterns)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {"params": jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=device), want)}

@@ -52,11 +52,12 @@ class NewTokenRows(nn.Module):
 
 def rows_from_lm(lm_params, token_ids, tied: bool) -> dict:
   """`new_tokens` params copied from a pretrained LM's (frozen) embedding and head, so that
-  the model computes exactly what the pretrained LM did before training."""
+  the model computes exactly what the pretrained LM did before training. Numpy or jax
+  arrays (sharded ones too: only the k rows are gathered)."""
   ids = np.asarray(token_ids)
-  rows = {"embedding": np.asarray(lm_params["embed"]["embedding"])[ids]}
+  rows = {"embedding": lm_params["embed"]["embedding"][ids]}
   if not tied:
-    rows["head"] = np.asarray(lm_params["lm_head"]["kernel"])[:, ids]
+    rows["head"] = lm_params["lm_head"]["kernel"][:, ids]
   return rows
 
 

@@ -1,7 +1,7 @@
 """The training program: what train.py runs, built from the config, a mesh and the
 batches' shapes, without allocating a weight.
 
-train.py builds it over its devices and then fills it (`init_params` / `place_params`,
+train.py builds it over its devices and then fills it (`init_params` / `restore_params`,
 `init_state`); train_compile.py builds the very same program over the abstract devices
 of a TPU topology and only lowers and compiles `steps` on `abstract_inputs`. One
 function, so what compiles there is what runs here.
@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ from flamingo_jax import sharding
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.data import loader
 from flamingo_jax.model import Flamingo
-from flamingo_jax.train import flops, optimizer as optim, partition, step as step_lib
+from flamingo_jax.train import config as config_lib, flops, optimizer as optim, partition, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,35 @@ class Program:
     trainable = jax.device_put(partition.cast(trainable, jnp.float32), self.trainable_shardings)
     frozen = jax.device_put(partition.cast(frozen, self.frozen_dtype), self.frozen_shardings)
     return trainable, frozen
+
+  def restore_params(self, path: str) -> tuple[dict, dict]:
+    """A converted directory (`convert.openflamingo.save_converted`) → (trainable float32,
+    frozen in frozen_dtype), restored straight into their shardings and dtypes: orbax reads
+    each process's shards only, so no host or device ever holds the whole model. Refuses
+    a converted model other than the config's (`check_against_init`)."""
+    from flamingo_jax import load_model
+    from flamingo_jax.lm import token_rows
+
+    saved_config = load_model.converted_config(path)
+    config_lib.check_against_init(self.model_config, saved_config, path)
+    shardings = tu.flatten_dict(partition.merge(self.trainable_shardings, self.frozen_shardings), sep="/")
+    trains = set(tu.flatten_dict(self.trainable_shardings, sep="/"))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def target(key, x):
+      dtype = _cast(x.dtype, jnp.float32 if key in trains else self.frozen_dtype)
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=shardings.get(key, replicated))
+    saved = tu.flatten_dict(load_model.abstract_params(saved_config), sep="/")
+    _, params = load_model.restore_converted(
+        path, tu.unflatten_dict({k: target(k, x) for k, x in saved.items()}, sep="/"))
+    # New-token rows the checkpoint lacks come from the (sharded) frozen table as the model
+    # applies it (frozen_dtype): k rows are gathered, not the table. Saved rows this config
+    # does not train are dropped.
+    params = token_rows.with_rows(params, self.model_config)
+    params = tu.unflatten_dict({k: v for k, v in tu.flatten_dict(params, sep="/").items()
+                                if k in shardings}, sep="/")
+    trainable, frozen = partition.split(params, tuple(self.config.trainable))
+    return jax.device_put(partition.cast(trainable, jnp.float32), self.trainable_shardings), frozen
 
   def init_state(self, trainable: dict) -> dict:
     return jax.jit(self.new_state, out_shardings=self.state_shardings)(trainable)
