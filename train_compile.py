@@ -30,7 +30,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile on the CPU; libtpu only
 
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from flamingo_jax import cli, sharding  # noqa: E402
@@ -44,15 +43,6 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:8x8x24,
 
 MFU = 0.5
 GIB = 2 ** 30
-
-
-def shard_bytes(tree) -> int:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-  return total
 
 
 def memory(compiled) -> dict:
@@ -104,9 +94,7 @@ def run(config, topology_name: str) -> dict:
 
   results = []
   for group in program.groups:
-    inputs = program.abstract_inputs(group)
-    arithmetic = dict(state=shard_bytes(inputs[0]), frozen=shard_bytes(inputs[1]),
-                      batch=shard_bytes(inputs[2]))
+    arithmetic = program.argument_bytes(group)
     r = compile_group(program, group, usable)
     r.update(group=list(group), arguments_arithmetic=arithmetic)
     flops = program.step_flops(group)

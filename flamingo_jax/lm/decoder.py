@@ -27,7 +27,7 @@ from flamingo_jax import lm as lm_families
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
 from flamingo_jax.layers.attention import CACHE, CACHE_UPDATE, MEDIA_CACHE, SelfAttentionInputs
-from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense
+from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense, Embed
 from flamingo_jax.lm.token_rows import NewTokenRows
 from flamingo_jax.layers.scan import scan
 
@@ -149,8 +149,8 @@ class DecoderLM(nn.Module):
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
     b, t = input_ids.shape
-    embed = nn.Embed(c.lm.vocab_size, c.lm.d_model, name="embed", **kw,
-                     embedding_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("vocab", "embed")))
+    embed = Embed(c.lm.vocab_size, c.lm.d_model, name="embed", **kw,
+                  embedding_init=nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("vocab", "embed")))
     x = embed(input_ids)
     new_tokens = None
     if c.trainable_token_ids:

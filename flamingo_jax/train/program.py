@@ -71,6 +71,15 @@ class Program:
     return (self.abstract_state, self.abstract_frozen(),
             {n: dict(self.batch_shapes[n]) for n in group})
 
+  def argument_bytes(self, group) -> dict:
+    """Bytes one device holds of `steps[group]`'s arguments (the largest shard of each
+    leaf): the arithmetic its compiled memory_analysis() should show."""
+    def shard_bytes(tree):
+      return sum(int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree))
+    state, frozen, batches = self.abstract_inputs(group)
+    return dict(state=shard_bytes(state), frozen=shard_bytes(frozen), batch=shard_bytes(batches))
+
   def lower(self, group):
     """`steps[group]` lowered on `abstract_inputs(group)` (nothing materialised)."""
     with jax.set_mesh(self.mesh):

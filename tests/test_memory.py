@@ -1,0 +1,77 @@
+"""Memory that matches the arithmetic, on 8 CPU devices (data 2 × fsdp 2 × tensor 2): the
+compiled step's arguments are exactly the state, frozen-weight and batch shards a device
+should hold, and the backward keeps no float32 copy of the frozen (bf16) weights."""
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+from config_files import load_config
+from flamingo_jax import sharding
+from flamingo_jax.data import sources
+from flamingo_jax.train import partition, program as program_lib, step as step_lib
+from flamingo_jax.train.config import check
+
+
+def config(**model):
+  """configs/tiny.py with an LM whose frozen weights outweigh the rest (8 scanned groups)
+  under float32 compute and bf16 frozen weights, remat off: where a cast copy would show."""
+  c = load_config("tiny")
+  c.model.lm.update(d_model=256, num_layers=8, mlp_dim=1024, vocab_size=2048, **model)
+  c.model.xattn.every = 1
+  c.mesh = dict(slice=1, data=2, fsdp=2, tensor=2)
+  c.data.synthetic.batch_size = 4
+  return c
+
+
+def build(c):
+  model_config = check(c)
+  mesh = sharding.make_mesh(dict(c.mesh))
+  return program_lib.build(c, model_config, mesh, sources.config_batch_shapes(c, model_config))
+
+
+def test_compiled_arguments_are_the_arithmetic():
+  program = build(config())
+  (group,) = program.groups
+  m = program.lower(group).compile().memory_analysis()
+  arithmetic = program.argument_bytes(group)
+  assert m.argument_size_in_bytes == sum(arithmetic.values()), (m, arithmetic)
+  assert m.alias_size_in_bytes == arithmetic["state"]  # the donated state is updated in place
+  # The frozen weights arrive as bf16 shards: a quarter (fsdp × tensor) of the LM's, about.
+  frozen = sum(x.size * 2 for x in jax.tree.leaves(program.abstract_frozen()))
+  assert arithmetic["frozen"] < 0.4 * frozen
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_backward_keeps_no_float32_copy_of_frozen_weights(tied):
+  """What autodiff saves for the backward (jax's saved residuals of the loss, as a function
+  of the trainable weights): activations, and the frozen weights as stored, but no float32
+  array of a frozen weight's shape (it had one per scanned LM weight: a float32 copy of
+  the frozen LM)."""
+  c = config(tie_embeddings=tied)
+  program = build(c)
+  model = program.model
+  frozen = program.abstract_frozen()
+  trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
+                           program.abstract_state["params"])
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+           for k, v in program.batch_shapes["synthetic"].items() if k in step_lib.BATCH_KEYS}
+
+  def loss(trainable, frozen, batch):
+    params = partition.merge(trainable, frozen)
+    logits = model.apply({"params": params}, batch.get("images"), batch["input_ids"],
+                         batch.get("attention_mask"), media_index=batch.get("media_index"))
+    return step_lib.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+
+  frozen_shapes = {tuple(x.shape) for x in jax.tree.leaves(frozen["lm"]) if x.ndim >= 2}
+  frozen_shapes |= {s[1:] for s in frozen_shapes}  # one scanned layer's slice
+  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+  residuals = saved_residuals(lambda t: loss(t, zeros(frozen), zeros(batch)), zeros(trainable))
+  copies = [(aval, why) for aval, why in residuals
+            if aval.dtype == jnp.float32 and tuple(aval.shape) in frozen_shapes
+            and not why.startswith("from the argument")]  # the trainable weights themselves
+  assert not copies, copies
+  # The check sees the frozen weights: they are saved, as stored (bf16).
+  assert any(aval.dtype == jnp.bfloat16 and tuple(aval.shape) in frozen_shapes for aval, _ in residuals)
