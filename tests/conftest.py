@@ -36,3 +36,9 @@ def tokenizer_dir(tmp_path_factory):
   """A tiny byte-level BPE (eos, no pad) saved as a Hugging Face tokenizer directory."""
   from data_files import make_tokenizer
   return make_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: a long run whose code a faster test covers too; the README's test "
+                 "command (and CI) deselects it with -m 'not slow'; `-m slow` runs it")
