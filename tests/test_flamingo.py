@@ -146,8 +146,8 @@ def test_resolution_changes_visual_tokens_not_the_output_shape():
   image is used: changing only its bottom-right corner changes the text after it."""
   config = make_config(vision=NFNET)
   model, params = init(config)
-  vision_tokens = lambda x: model.apply({"params": params}, x, method=lambda m, x: m.vision(x))
-  encode = lambda x: model.apply({"params": params}, x, method=Flamingo.encode_media)
+  vision_tokens = jax.jit(lambda x: model.apply({"params": params}, x, method=lambda m, x: m.vision(x)))
+  encode = jax.jit(lambda x: model.apply({"params": params}, x, method=Flamingo.encode_media))
   logits = jax.jit(model.apply)
   small = images(0)
   large = jax.random.normal(jax.random.key(4), (2, 2, 1, 64, 96, 3))
