@@ -1,10 +1,11 @@
 """Memory that matches the arithmetic, on 8 CPU devices (data 2 × fsdp 2 × tensor 2): the
 compiled step's arguments are exactly the state, frozen-weight and batch shards a device
-should hold, and the backward keeps no float32 copy of the frozen (bf16) weights."""
-import flax.traverse_util as tu
+should hold, no activation is gathered over the batch, and the backward keeps no float32
+copy of the frozen (bf16) weights."""
+import re
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
@@ -22,7 +23,7 @@ def config(**model):
   c.model.lm.update(d_model=256, num_layers=8, mlp_dim=1024, vocab_size=2048, **model)
   c.model.xattn.every = 1
   c.mesh = dict(slice=1, data=2, fsdp=2, tensor=2)
-  c.data.synthetic.batch_size = 4
+  c.data.synthetic.batch_size = 8
   return c
 
 
@@ -32,16 +33,33 @@ def build(c):
   return program_lib.build(c, model_config, mesh, sources.config_batch_shapes(c, model_config))
 
 
-def test_compiled_arguments_are_the_arithmetic():
+@pytest.fixture(scope="module")
+def compiled():
   program = build(config())
   (group,) = program.groups
-  m = program.lower(group).compile().memory_analysis()
+  return program, group, program.lower(group).compile()
+
+
+def test_compiled_arguments_are_the_arithmetic(compiled):
+  program, group, step = compiled
+  m = step.memory_analysis()
   arithmetic = program.argument_bytes(group)
   assert m.argument_size_in_bytes == sum(arithmetic.values()), (m, arithmetic)
   assert m.alias_size_in_bytes == arithmetic["state"]  # the donated state is updated in place
   # The frozen weights arrive as bf16 shards: a quarter (fsdp × tensor) of the LM's, about.
   frozen = sum(x.size * 2 for x in jax.tree.leaves(program.abstract_frozen()))
   assert arithmetic["frozen"] < 0.4 * frozen
+
+
+def test_compiled_step_gathers_no_batch(compiled):
+  """Every activation stays split over the batch axes: no all-gather outputs the global
+  batch's [B, T, ...] (the token embedding lookup did, while the table was split along
+  `embed` over fsdp)."""
+  program, _, step = compiled
+  b, t = program.batch_shapes["synthetic"]["input_ids"].shape
+  gathered = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather\(", step.as_text())
+  assert gathered  # fsdp gathers the weights: the search sees all-gathers
+  assert not [g for g in gathered if g.startswith(f"{b},{t},")], gathered
 
 
 @pytest.mark.parametrize("tied", [False, True])

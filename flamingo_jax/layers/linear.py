@@ -39,12 +39,17 @@ def _promote_but_keep_weight(inputs, kernel, bias=None, *, dtype=None, inexact=T
 
 class Embed(nn.Embed):
   """nn.Embed reading a narrower table as stored: the looked-up rows are cast, not the
-  table, and `attend` (a tied LM head) upcasts inside the dot."""
+  table, and `attend` (a tied LM head) upcasts inside the dot. The lookup keeps the batch
+  sharded."""
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
       raise ValueError(f"{self.name}: token ids must be integers, got {inputs.dtype}")
-    return jnp.take(as_operand(self.embedding, self.dtype), inputs, axis=0).astype(self.dtype)
+    # The table whole along `embed` (gathered over fsdp, as any fsdp weight is where it is
+    # used), so the looked-up rows take the ids' batch sharding; with `embed` split, SPMD
+    # re-shards the rows by gathering the whole batch's activations to every device.
+    table = nn.with_logical_constraint(as_operand(self.embedding, self.dtype), ("vocab", None))
+    return jnp.take(table, inputs, axis=0).astype(self.dtype)
 
   def attend(self, query: jax.Array) -> jax.Array:
     query = query.astype(self.dtype)
