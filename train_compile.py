@@ -29,7 +29,6 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile on the CPU; libtpu only describes the pod
 
 from absl import flags  # noqa: E402
-import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from flamingo_jax import cli, sharding  # noqa: E402

@@ -3,7 +3,6 @@ devices (`Program.restore_params`): the values of the host path (restore whole, 
 `place_params`), each leaf in its own layout, new-token rows taken from the sharded table."""
 import dataclasses
 
-import flax.linen as nn
 import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
