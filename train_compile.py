@@ -1,6 +1,7 @@
 """Compiles train.py's update step for a TPU pod on this machine, and says whether it fits.
 
   python train_compile.py --config configs/flamingo_80b.py --topology v4:8x8x24 [--config.FIELD=VALUE ...]
+  python train_compile.py --config ... --topology v5e:16x16 --num_slices 4 --config.mesh.slice=4
 
 The program is train.py's own (flamingo_jax/train/program.py: model, shardings, jitted
 steps), built over the abstract devices of `--topology` (libtpu, no TPU needed; see
@@ -39,6 +40,8 @@ from flamingo_jax.train.config import check, check_against_mesh  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:8x8x24, v5p:8x8x8, v5e:16x16.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice over DCN); "
+                                   "config.mesh.slice must equal it.")
 
 MFU = 0.5
 GIB = 2 ** 30
@@ -76,16 +79,20 @@ def compile_group(program, group, usable: int) -> dict:
               collective_bytes=hlo.collective_bytes(compiled.as_text()))
 
 
-def run(config, topology_name: str) -> dict:
+def run(config, topology_name: str, num_slices: int = 1) -> dict:
   model_config = check(config)
   chip, dims = topology_lib.parse(topology_name)
-  devices = topology_lib.devices(topology_name)
+  if int(config.mesh.slice) != num_slices:
+    raise ConfigError(f"mesh.slice: {config.mesh.slice}, but --num_slices {num_slices}: the mesh's "
+                      f"slice axis runs over the slices; set --config.mesh.slice={num_slices}")
+  devices = topology_lib.devices(topology_name, num_slices)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   check_against_mesh(config, mesh)
   shapes = sources.config_batch_shapes(config, model_config)
   program = program_lib.build(config, model_config, mesh, shapes)
   usable = int(chip.usable_hbm_gib * GIB)
-  print(f"topology {topology_name}: {len(devices)} × {chip.device_kind} "
+  slices = f"{num_slices} × " if num_slices > 1 else ""
+  print(f"topology {slices}{topology_name}: {len(devices)} × {chip.device_kind} "
         f"({chip.usable_hbm_gib} GiB usable HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each)")
   print(f"mesh {dict(mesh.shape)}; batch shards {mesh.size // mesh.shape['tensor']}")
   per_step = {n: int(shapes[n]["input_ids"][0][0]) for n in shapes}
@@ -121,7 +128,7 @@ def run(config, topology_name: str) -> dict:
   host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
   sizes = [r["per_device_gib"] for r in results]
   summary = dict(
-      topology=topology_name, devices=len(devices), device_kind=chip.device_kind,
+      topology=topology_name, num_slices=num_slices, devices=len(devices), device_kind=chip.device_kind,
       mesh=dict(mesh.shape), fits=all(r["fits"] for r in results),
       compile_s=round(sum(r["compile_s"] for r in results), 1),
       host_peak_gib=round(host_peak, 2),
@@ -139,7 +146,7 @@ def main(argv):
   if _CONFIG.value is None or not _TOPOLOGY.value:
     raise ConfigError("--config and --topology are required, e.g. --config "
                       "configs/flamingo_3b.py --topology v4:4x4x4")
-  print(json.dumps(run(_CONFIG.value, _TOPOLOGY.value)), flush=True)
+  print(json.dumps(run(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value)), flush=True)
 
 
 if __name__ == "__main__":

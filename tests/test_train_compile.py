@@ -140,3 +140,39 @@ print(json.dumps(out))
                      env=env, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
   assert json.loads(p.stdout.strip().splitlines()[-1]) == [[True, False], [True, False]]
+
+
+def test_compiles_for_two_slices_with_the_slice_axis_over_dcn():
+  """--num_slices 2: the abstract devices of two v4:2x2x1 slices; the mesh's outer `slice`
+  axis runs over the slices (each row of it one slice's chips), and the step compiles with
+  the gradients reduced across them. A mesh.slice that is not the slice count is refused."""
+  code = """
+import json
+import numpy as np
+from flamingo_jax import sharding
+from flamingo_jax.train import topology
+devices = topology.devices("v4:2x2x1", num_slices=2)
+mesh = sharding.make_mesh(dict(slice=2, data=4, fsdp=1, tensor=1), devices)
+print(json.dumps(np.vectorize(lambda d: d.slice_index)(mesh.devices).tolist()))
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                     env=env, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  slices = np.asarray(json.loads(p.stdout.strip().splitlines()[-1]))
+  assert slices.shape == (2, 4, 1, 1) and (slices[0] == 0).all() and (slices[1] == 1).all()
+
+  p = train_compile("--config", "configs/tiny.py", "--topology", "v4:2x2x1", "--num_slices=2",
+                    "--config.mesh.slice=2", "--config.mesh.data=4", *WIDE_TINY)
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8 and out["num_slices"] == 2 and out["fits"] is True
+  assert out["mesh"] == {"slice": 2, "data": 4, "fsdp": 1, "tensor": 1}
+  (step,) = out["steps"]
+  assert step["collective_bytes"]["all-reduce"] + step["collective_bytes"]["reduce-scatter"] > 0
+  assert "topology 2 × v4:2x2x1: 8 × TPU v4" in p.stdout
+
+  p = train_compile("--config", "configs/tiny.py", "--topology", "v4:2x2x1", "--num_slices=2",
+                    check=False)
+  assert p.returncode == 2 and "--config.mesh.slice=2" in p.stderr, p.stderr[-2000:]
+  assert "Traceback" not in p.stderr

@@ -5,6 +5,7 @@ memory read (train_compile.py; maxtext's train_compile does the same).
     devices("v4:8x8x24")   1536 abstract v4 chips (megacore: one device per chip)
     devices("v5p:8x8x8")   512 v5p chips (megacore)
     devices("v5e:16x16")   256 v5e chips (one TensorCore each)
+    devices("v5e:16x16", num_slices=4)   4 such slices (multi-slice, over DCN)
 
 Needs the libtpu that jax[tpu] pins (jax 0.10.2: libtpu 0.0.42.*); only one process
 may hold libtpu at a time (it takes /tmp/libtpu_lockfile).
@@ -52,16 +53,20 @@ def parse(name: str) -> tuple[Chip, tuple[int, ...]]:
   return chip, dims
 
 
-def devices(name: str) -> list:
-  """The abstract devices of topology `name` (one per chip)."""
+def devices(name: str, num_slices: int = 1) -> list:
+  """The abstract devices of `num_slices` slices of topology `name` (one per chip; each
+  device's `slice_index` says its slice: the slices talk over DCN)."""
   chip, _ = parse(name)
+  if num_slices < 1:
+    raise TopologyError(f"--num_slices {num_slices}: give 1 or more slices")
   import importlib.util
   if importlib.util.find_spec("libtpu") is None:
     raise TopologyError(f"libtpu is not installed: {LIBTPU_HINT}")
   from jax.experimental import topologies
   try:
+    kw = dict(num_slices=num_slices) if num_slices > 1 else {}
     topology = topologies.get_topology_desc(platform="tpu", topology_name=name,
-                                            chip_config_name=chip.chip_config)
+                                            chip_config_name=chip.chip_config, **kw)
   except Exception as e:  # noqa: BLE001 (libtpu raises JaxRuntimeError / RuntimeError)
     message = str(e)
     if "lockfile" in message:
