@@ -119,7 +119,7 @@ def run(config, topology_name: str, num_slices: int = 1) -> dict:
           f"{'fits' if r['fits'] else 'does NOT fit'}" + (f" ({r['error']})" if "error" in r else ""))
     if "collective_bytes" in r:
       c = r["collective_bytes"]
-      print(f"  collectives per device per step (operand bytes, every loop iteration): "
+      print("  collectives per device per step (operand bytes, every loop iteration): "
             + ", ".join(f"{k} {gib(v)} GiB" for k, v in c.items() if v and k != "total")
             + f"; total {gib(c['total'])} GiB")
     print(f"  {flops / 1e15:.2f} PFLOP a step (analytic, frozen-aware): "
