@@ -4,6 +4,7 @@ Every parameter is created with logical axis names (`embed`, `heads`, `mlp`, `la
 …) and activations carry `act_*` constraints; one rule table maps names to the mesh axes
 `slice`, `data`, `fsdp` and `tensor` (maxtext style). A name mapped to None is replicated.
 """
+import itertools
 from typing import Mapping
 
 import flax.linen as nn
@@ -135,20 +136,25 @@ def data_parallel(fn, x: jax.Array) -> jax.Array:
 
 def zero1(s: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
   """Where ZeRO-1 keeps the optimizer state of a parameter laid out as `s`: also split over
-  the batch axes `s` does not use, on the dimension that leaves the largest shard among
-  those that divide evenly. A leaf with no such dimension keeps `s` (replicated over them)."""
+  the batch axes `s` does not use — all of them, or else the largest subset (by size) that
+  some dimension divides — on the dimension that leaves the largest shard among those
+  that divide evenly. A leaf that no subset divides keeps `s` (replicated over them; e.g.
+  every power-of-two dimension under a data axis of 96)."""
   mesh = s.mesh
   spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
   axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
   size = lambda names: int(np.prod([mesh.shape[a] for a in names]))
   used = {a for e in spec for a in axes(e)}
   free = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
-  fits = [d for d in range(len(shape)) if shape[d] % size(axes(spec[d]) + free) == 0]
-  if not free or not fits:
-    return s
-  d = max(fits, key=lambda d: shape[d] // size(axes(spec[d])))
-  spec[d] = axes(spec[d]) + free
-  return NamedSharding(mesh, PartitionSpec(*spec))
+  subsets = sorted((c for n in range(len(free), 0, -1) for c in itertools.combinations(free, n)),
+                   key=size, reverse=True)
+  for subset in subsets:
+    fits = [d for d in range(len(shape)) if shape[d] % size(axes(spec[d]) + subset) == 0]
+    if fits:
+      d = max(fits, key=lambda d: shape[d] // size(axes(spec[d])))
+      spec[d] = axes(spec[d]) + subset
+      return NamedSharding(mesh, PartitionSpec(*spec))
+  return s
 
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):

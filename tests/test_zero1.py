@@ -168,3 +168,18 @@ def test_micro_batches_must_split_over_the_batch_shards():
   message = str(e.value)
   assert message.startswith("data.synthetic.batch_size: ") and "microbatches=2" in message
   assert "8 batch shards" in message and "a multiple of 16" in message, message
+
+
+def test_zero1_splits_over_the_batch_axes_a_dimension_divides():
+  """All the free batch axes where a dimension divides their product; else the largest
+  subset some dimension divides (data 4 of data 4 × fsdp 2 for a dimension of 12); else
+  the parameter's own layout (replicated over them)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = sharding.make_mesh(dict(slice=1, data=4, fsdp=2, tensor=1))
+  s = NamedSharding(mesh, P())
+  assert sharding.zero1(s, (16, 6)).spec == P(("data", "fsdp"), None)
+  assert sharding.zero1(s, (12, 6)).spec == P("data", None)  # 12 % 8 ≠ 0, 12 % 4 = 0
+  assert sharding.zero1(s, (6, 10)).spec == P(None, "fsdp")  # only 2 divides: the larger dim
+  assert sharding.zero1(s, (3, 5)).spec == P()
+  # The axes the parameter already uses are not free.
+  assert sharding.zero1(NamedSharding(mesh, P("fsdp")), (12, 8)).spec == P("fsdp", "data")
