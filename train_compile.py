@@ -32,11 +32,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile on the CPU; libtpu only
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from flamingo_jax import cli, sharding  # noqa: E402
+from flamingo_jax import cli  # noqa: E402
 from flamingo_jax.config import ConfigError  # noqa: E402
-from flamingo_jax.data import sources  # noqa: E402
 from flamingo_jax.train import hlo, program as program_lib, topology as topology_lib  # noqa: E402
-from flamingo_jax.train.config import check, check_against_mesh  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:8x8x24, v5p:8x8x8, v5e:16x16.")
@@ -80,22 +78,20 @@ def compile_group(program, group, usable: int) -> dict:
 
 
 def run(config, topology_name: str, num_slices: int = 1) -> dict:
-  model_config = check(config)
   chip, dims = topology_lib.parse(topology_name)
-  if int(config.mesh.slice) != num_slices:
-    raise ConfigError(f"mesh.slice: {config.mesh.slice}, but --num_slices {num_slices}: the mesh's "
+  slice_size = int(dict(config.mesh).get("slice", 1))
+  if slice_size != num_slices:
+    raise ConfigError(f"mesh.slice: {slice_size}, but --num_slices {num_slices}: the mesh's "
                       f"slice axis runs over the slices; set --config.mesh.slice={num_slices}")
   devices = topology_lib.devices(topology_name, num_slices)
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  check_against_mesh(config, mesh)
-  shapes = sources.config_batch_shapes(config, model_config)
-  program = program_lib.build(config, model_config, mesh, shapes)
+  program = program_lib.from_config(config, devices)
+  mesh, shapes = program.mesh, program.batch_shapes
   usable = int(chip.usable_hbm_gib * GIB)
   slices = f"{num_slices} × " if num_slices > 1 else ""
   print(f"topology {slices}{topology_name}: {len(devices)} × {chip.device_kind} "
         f"({chip.usable_hbm_gib} GiB usable HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each)")
   print(f"mesh {dict(mesh.shape)}; batch shards {mesh.size // mesh.shape['tensor']}")
-  per_step = {n: int(shapes[n]["input_ids"][0][0]) for n in shapes}
+  per_step = {n: int(shapes[n]["input_ids"].shape[0]) for n in shapes}
   print("batch per dataset:", ", ".join(f"{n} {b}" for n, b in sorted(per_step.items())))
 
   results = []

@@ -64,12 +64,8 @@ def our_side(config, params=None):
   from flamingo_jax import sharding
   from flamingo_jax.data import sources
   from flamingo_jax.train import program as program_lib
-  from flamingo_jax.train.config import check, check_against_mesh
-  model_config = check(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  check_against_mesh(config, mesh)  # e.g. --batch must split over the devices
-  program = program_lib.build(config, model_config, mesh,
-                              sources.config_batch_shapes(config, model_config))
+  program = program_lib.from_config(config)  # checks e.g. that --batch splits over the devices
+  mesh, model_config = program.mesh, program.model_config
   if params is None:
     trainable, frozen = program.init_params(config.seed)
   else:

@@ -25,7 +25,6 @@ pytest.importorskip("open_flamingo")
 pytest.importorskip("open_clip")
 
 from config_files import ROOT, load_config  # noqa: E402
-from flamingo_jax import sharding  # noqa: E402
 from flamingo_jax.config import NFNetConfig  # noqa: E402
 from flamingo_jax.convert import openflamingo as of  # noqa: E402
 from flamingo_jax.decoding import prompts  # noqa: E402
@@ -180,12 +179,8 @@ def test_converted_dir_loads_like_load_converted(converted):
 
 def one_device_program(config):
   """train.py's program for `config` on one device, shapes from the config's data."""
-  from flamingo_jax.data import sources
   from flamingo_jax.train import program as program_lib
-  model_config = train_lib.check(config)
-  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:1])
-  shapes = sources.config_batch_shapes(config, model_config)
-  return program_lib.build(config, model_config, mesh, shapes)
+  return program_lib.from_config(config, jax.devices()[:1])
 
 
 def train_state(config, params):

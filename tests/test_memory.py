@@ -10,10 +10,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 from config_files import load_config
-from flamingo_jax import sharding
-from flamingo_jax.data import sources
 from flamingo_jax.train import partition, program as program_lib, step as step_lib
-from flamingo_jax.train.config import check
 
 
 def config(**model):
@@ -27,15 +24,9 @@ def config(**model):
   return c
 
 
-def build(c):
-  model_config = check(c)
-  mesh = sharding.make_mesh(dict(c.mesh))
-  return program_lib.build(c, model_config, mesh, sources.config_batch_shapes(c, model_config))
-
-
 @pytest.fixture(scope="module")
 def compiled():
-  program = build(config())
+  program = program_lib.from_config(config())
   (group,) = program.groups
   return program, group, program.lower(group).compile()
 
@@ -69,7 +60,7 @@ def test_backward_keeps_no_float32_copy_of_frozen_weights(tied):
   array of a frozen weight's shape (it had one per scanned LM weight: a float32 copy of
   the frozen LM)."""
   c = config(tie_embeddings=tied)
-  program = build(c)
+  program = program_lib.from_config(c)
   model = program.model
   frozen = program.abstract_frozen()
   trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
@@ -77,16 +68,12 @@ def test_backward_keeps_no_float32_copy_of_frozen_weights(tied):
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
            for k, v in program.batch_shapes["synthetic"].items() if k in step_lib.BATCH_KEYS}
 
-  def loss(trainable, frozen, batch):
-    params = partition.merge(trainable, frozen)
-    logits = model.apply({"params": params}, batch.get("images"), batch["input_ids"],
-                         batch.get("attention_mask"), media_index=batch.get("media_index"))
-    return step_lib.masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
-
   frozen_shapes = {tuple(x.shape) for x in jax.tree.leaves(frozen["lm"]) if x.ndim >= 2}
   frozen_shapes |= {s[1:] for s in frozen_shapes}  # one scanned layer's slice
   zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-  residuals = saved_residuals(lambda t: loss(t, zeros(frozen), zeros(batch)), zeros(trainable))
+  residuals = saved_residuals(
+      lambda t: step_lib.summed_loss(model, partition.merge(t, zeros(frozen)), zeros(batch)),
+      zeros(trainable))
   copies = [(aval, why) for aval, why in residuals
             if aval.dtype == jnp.float32 and tuple(aval.shape) in frozen_shapes
             and not why.startswith("from the argument")]  # the trainable weights themselves

@@ -11,20 +11,19 @@ import pytest
 from transformers import AutoTokenizer
 
 from config_files import load_config
-from flamingo_jax import load_model, sharding
+from flamingo_jax import load_model
 from flamingo_jax.convert.openflamingo import save_converted
-from flamingo_jax.data import sources
 from flamingo_jax.lm import token_rows
 from flamingo_jax.model import Flamingo
 from flamingo_jax.train import program as program_lib
-from flamingo_jax.train.config import check
 
 
 @pytest.fixture(scope="module")
 def restored(tmp_path_factory, tokenizer_dir):
   config = load_config("tiny")
   config.mesh = dict(slice=1, data=2, fsdp=2, tensor=2)
-  model_config = check(config)
+  program = program_lib.from_config(config)
+  model_config = program.model_config
   # Saved as the convert CLI may save it: without the new-token rows (a run-time choice).
   saved_config = dataclasses.replace(model_config, trainable_token_ids=())
   rng = np.random.default_rng(0)
@@ -33,9 +32,6 @@ def restored(tmp_path_factory, tokenizer_dir):
   path = str(tmp_path_factory.mktemp("converted"))
   save_converted(path, Flamingo(saved_config), params,
                  AutoTokenizer.from_pretrained(tokenizer_dir))
-  mesh = sharding.make_mesh(dict(config.mesh), jax.devices())
-  program = program_lib.build(config, model_config, mesh,
-                              sources.config_batch_shapes(config, model_config))
   want = program.place_params(token_rows.with_rows(jax.tree.map(np.asarray, params), model_config))
   return program, program.restore_params(path), want
 

@@ -327,12 +327,8 @@ def test_prepared_dataset_skip_counts_are_logged_and_survive_resume(tmp_path, to
 
 def program_for(config):
   """train.py's program for `config` on all devices, shapes from the config's data."""
-  from flamingo_jax import sharding
   from flamingo_jax.train import program as program_lib
-  model_config = train_lib.check(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  shapes = sources.config_batch_shapes(config, model_config)
-  return program_lib.build(config, model_config, mesh, shapes)
+  return program_lib.from_config(config)
 
 
 def test_init_needs_no_media_token_id():

@@ -12,7 +12,7 @@ from flamingo_jax.config import ConfigError
 from flamingo_jax.data import sources
 from flamingo_jax.model import Flamingo
 from flamingo_jax.train import hlo, program as program_lib
-from flamingo_jax.train.config import check, check_against_mesh
+from flamingo_jax.train.config import check_against_mesh
 
 DATA, TENSOR = 4, 2
 
@@ -28,12 +28,8 @@ def small_config(data=DATA, tensor=TENSOR, **fields):
 
 
 def build(config):
-  model_config = check(config)
   n = int(np.prod(list(config.mesh.values())))
-  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:n])
-  check_against_mesh(config, mesh)
-  return program_lib.build(config, model_config, mesh,
-                           sources.config_batch_shapes(config, model_config))
+  return program_lib.from_config(config, jax.devices()[:n])
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,18 @@ def batch_shapes_of(batch: Mapping[str, Any]) -> dict:
   return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in batch.items()}
 
 
+def from_config(config, devices=None) -> Program:
+  """`build` over `devices` (default: all) with the batch shapes the config's data settings
+  give (sources.config_batch_shapes), once the config and its batches' split over the mesh
+  are checked: what train_compile.py, the benchmarks and the tests build (train.py takes
+  the shapes of its first batches)."""
+  from flamingo_jax.data import sources
+  model_config = config_lib.check(config)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  config_lib.check_against_mesh(config, mesh)
+  return build(config, model_config, mesh, sources.config_batch_shapes(config, model_config))
+
+
 def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str, Mapping]) -> Program:
   """`batch_shapes`: dataset → key → (global shape, dtype)."""
   rules = sharding.rules(config.sharding_rules)

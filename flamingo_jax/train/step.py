@@ -33,6 +33,15 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.A
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def summed_loss(model, params, batch: Mapping[str, jax.Array], rng=None) -> jax.Array:
+  """The batch's loss_mask-weighted sum of token NLLs under `params` (the whole tree)."""
+  logits = model.apply({"params": params}, batch.get("images"), batch["input_ids"],
+                       batch.get("attention_mask"), media_mask=batch.get("media_mask"),
+                       media_index=batch.get("media_index"),
+                       rngs={} if rng is None else {"dropout": rng})
+  return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+
+
 def init_state(params, optimizer: optax.GradientTransformation, rng,
                skip_counters: Mapping[str, int] = {}) -> dict:
   """`skip_counters`: dataset name → number of skip reasons, for datasets whose batches
@@ -70,11 +79,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
                             else jax.lax.with_sharding_constraint(tree, update_shardings))
 
   def loss_fn(trainable, frozen, batch, count, rng):
-    params = partition.merge(trainable, frozen)
-    logits = model.apply({"params": params}, batch.get("images"), batch["input_ids"],
-                         batch.get("attention_mask"), media_mask=batch.get("media_mask"),
-                         media_index=batch.get("media_index"), rngs={"dropout": rng})
-    total, _ = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    total = summed_loss(model, partition.merge(trainable, frozen), batch, rng)
     # Divided by the whole batch's token count, so micro-batch losses add up to the mean.
     return total / jnp.maximum(count, 1.0)
 
