@@ -155,12 +155,10 @@ def train(config, workdir: str, devices=None) -> dict:
   # ---- train state (the optimizer sees the trainable subtree only)
   state = program.init_state(trainable)
   del trainable
-  state_shardings = program.state_shardings
   manifest = dict(frozen_source=frozen_source, frozen_fingerprint=frozen_fingerprint,
                   config=config.to_json())
   if latest is not None:
-    abstract = checkpoint.abstract_like(state, state_shardings)
-    state, data_state, _ = ckpt.restore(latest, abstract, frozen_fingerprint)
+    state, data_state, _ = ckpt.restore(latest, program.abstract_state, frozen_fingerprint)
     for name, it in iterators.items():
       it.set_state(data_state[name])
     say(f"resumed from the checkpoint at step {latest}")

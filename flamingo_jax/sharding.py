@@ -134,27 +134,35 @@ def data_parallel(fn, x: jax.Array) -> jax.Array:
   return y.reshape((n,) + y.shape[2:])
 
 
-def zero1(s: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
-  """Where ZeRO-1 keeps the optimizer state of a parameter laid out as `s`: also split over
-  the batch axes `s` does not use — all of them, or else the largest subset (by size) that
-  some dimension divides — on the dimension that leaves the largest shard among those
-  that divide evenly. A leaf that no subset divides keeps `s` (replicated over them; e.g.
-  every power-of-two dimension under a data axis of 96)."""
+def zero1(s: NamedSharding, shape: tuple[int, ...]) -> tuple[NamedSharding, tuple[int, ...]]:
+  """Where ZeRO-1 keeps the optimizer state of a parameter of `shape` laid out as `s`:
+  (sharding, shape). Also split over batch axes `s` does not use, on one dimension,
+  zero-padded at its end to a multiple of its shard count where it does not divide (every
+  power-of-two dimension under a data axis of 96): of all the free axes or any subset of
+  them, and any dimension, the layout with the fewest elements per device; ties go to
+  less padding, then to the dimension whose shards are largest. A leaf where nothing
+  gains (a scalar) keeps `s`, unpadded."""
   mesh = s.mesh
   spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
   axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
-  size = lambda names: int(np.prod([mesh.shape[a] for a in names]))
+  size = lambda names: int(np.prod([mesh.shape[a] for a in names], dtype=np.int64))
   used = {a for e in spec for a in axes(e)}
   free = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
-  subsets = sorted((c for n in range(len(free), 0, -1) for c in itertools.combinations(free, n)),
-                   key=size, reverse=True)
-  for subset in subsets:
-    fits = [d for d in range(len(shape)) if shape[d] % size(axes(spec[d]) + subset) == 0]
-    if fits:
-      d = max(fits, key=lambda d: shape[d] // size(axes(spec[d])))
-      spec[d] = axes(spec[d]) + subset
-      return NamedSharding(mesh, PartitionSpec(*spec))
-  return s
+  count = lambda dims: int(np.prod(dims, dtype=np.int64))
+  per_device = count(s.shard_shape(shape)) if shape else 1
+  best, best_key = (s, tuple(shape)), (per_device, 0, 0)
+  for subset in (c for n in range(1, len(free) + 1) for c in itertools.combinations(free, n)):
+    for d in range(len(shape)):
+      split = axes(spec[d]) + subset
+      padded = list(shape)
+      padded[d] = -(-shape[d] // size(split)) * size(split)
+      key = (count(padded) // size(used | set(subset)), count(padded) - count(shape),
+             -(shape[d] // size(axes(spec[d]))))
+      if key < best_key:
+        new_spec = list(spec)
+        new_spec[d] = split
+        best, best_key = (NamedSharding(mesh, PartitionSpec(*new_spec)), tuple(padded)), key
+  return best
 
 
 def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):

@@ -1,6 +1,7 @@
 """Parallelism as the paper ran it, on 8 CPU devices: ZeRO-1 (optimizer state split over
-the batch axes, the weights in their own layout), the frozen vision tower data parallel
-over the whole mesh, and micro-batches checked against the mesh."""
+the batch axes, the weights in their own layout; zero-padded where the axes divide no
+dimension), the frozen vision tower data parallel over the whole mesh, and micro-batches
+checked against the mesh."""
 import flax.linen as nn
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from flamingo_jax import sharding
 from flamingo_jax.config import ConfigError
 from flamingo_jax.data import sources
 from flamingo_jax.model import Flamingo
-from flamingo_jax.train import hlo, program as program_lib
+from flamingo_jax.train import checkpoint, hlo, program as program_lib
 from flamingo_jax.train.config import check_against_mesh
 
 DATA, TENSOR = 4, 2
@@ -32,13 +33,19 @@ def build(config):
   return program_lib.from_config(config, jax.devices()[:n])
 
 
+# Run name → (optimizer sharding, data axis). Under data 3 no dimension divides (all are
+# powers of two): every leaf's optimizer state is padded.
+RUNS = {"params": ("params", DATA), "zero1": ("zero1", DATA), "zero1_padded": ("zero1", 3)}
+
+
 @pytest.fixture(scope="module")
 def runs():
-  """Three updates (two micro-batches each) on the same batches, per optimizer sharding:
-  the losses, the final state and the compiled step's HLO."""
+  """Three updates (two micro-batches of 12 each) on the same batches per run: the
+  losses, the final state, the program and the compiled step's HLO."""
   out, params = {}, None
-  for layout in ("params", "zero1"):
-    config = small_config(optimizer_sharding=layout, microbatches=2)
+  for name, (layout, data) in RUNS.items():
+    config = small_config(data=data, optimizer_sharding=layout, microbatches=2)
+    config.data.synthetic.batch_size = 24
     program = build(config)
     (group,) = program.groups
     compiled = program.lower(group).compile()
@@ -56,7 +63,7 @@ def runs():
                                              sharding.batch_sharding(program.mesh))}
       state, metrics = compiled(state, frozen, batches)
       losses.append(float(metrics["loss"]))
-    out[layout] = dict(losses=losses, state=state, hlo=compiled.as_text())
+    out[name] = dict(losses=losses, state=state, program=program, hlo=compiled.as_text())
   return out
 
 
@@ -71,8 +78,9 @@ def device_bytes(tree) -> int:
   return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
-def test_zero1_trains_as_the_plain_layout_does(runs):
-  plain, zero1 = runs["params"], runs["zero1"]
+@pytest.mark.parametrize("name", ["zero1", "zero1_padded"])
+def test_zero1_trains_as_the_plain_layout_does(runs, name):
+  plain, zero1 = runs["params"], runs[name]
   np.testing.assert_allclose(zero1["losses"], plain["losses"], rtol=1e-6)
   assert len(set(plain["losses"])) == 3  # the weights moved
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
@@ -97,20 +105,63 @@ def test_zero1_splits_the_optimizer_state_over_the_data_axis(runs):
   assert gathered == pytest.approx(device_bytes(zero1.mu), rel=0.01)
 
 
+def test_zero1_pads_what_the_data_axis_does_not_divide(runs):
+  plain, padded = adam(runs["params"]["state"]), adam(runs["zero1_padded"]["state"])
+  for moment in ("mu", "nu"):
+    before, after = device_bytes(getattr(plain, moment)), device_bytes(getattr(padded, moment))
+    # The plain layout is replicated over data (4 or 3 alike); a third each, plus the
+    # padding (e.g. 64 → 66 rows) and the replicated gates.
+    assert before / 3 <= after <= 1.05 * before / 3, (moment, before, after)
+  shapes = lambda tree: [x.shape for x in jax.tree.leaves(tree)]
+  assert shapes(padded.mu) != shapes(plain.mu)  # padded ...
+  params = runs["zero1_padded"]["state"]["params"]
+  assert shapes(params) == shapes(runs["params"]["state"]["params"])  # ... the weights not
+  assert all(x.size == 1 or not x.sharding.is_fully_replicated for x in jax.tree.leaves(padded.mu))
+
+
+def test_zero1_checkpoint_restores_under_another_padding(runs, tmp_path):
+  """The data-3 run's padded optimizer state restores into data 4's layouts (ZeRO-1
+  unpadded, and the plain one): the same values, the padding dropped."""
+  saved = runs["zero1_padded"]["state"]
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(3, saved, {}, dict(frozen_fingerprint="f"), force=True)
+  ckpt.wait()
+  for name in ("zero1", "params"):
+    target = runs[name]["program"].abstract_state
+    restored, _, _ = ckpt.restore(3, target, "f")
+    def check(got, want, abstract):
+      assert got.shape == abstract.shape and got.sharding.is_equivalent_to(abstract.sharding, got.ndim)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[tuple(slice(n) for n in got.shape)])
+    jax.tree.map(check, restored, saved, target)
+  # A weight of another shape is refused, naming the leaf.
+  other = small_config(data=3, optimizer_sharding="zero1", microbatches=2)
+  other.data.synthetic.batch_size = 24
+  other.model.xattn.ff_mult = 4  # a trainable weight (frozen ones are not checkpointed)
+  other = build(other)
+  with pytest.raises(ValueError, match=r"state\.params.*was saved as"):
+    ckpt.restore(3, other.abstract_state, "f")
+  ckpt.close()
+
+
 def assert_same_sharding(a, b):
   assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
 
 
-def test_zero1_layout_takes_the_largest_dimension_that_divides():
+def test_zero1_layout_takes_the_fewest_elements_per_device():
   mesh = sharding.make_mesh(dict(data=4, tensor=2), jax.devices())
   spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
+  zero1 = lambda s, shape: (sharding.zero1(s, shape)[0].spec, sharding.zero1(s, shape)[1])
   P = jax.sharding.PartitionSpec
-  # Per device [6, 8 / 2, 16] with dim 1 over tensor: the last dim (16 → 4) rather than
-  # dim 1 (4 → 1), each over data; [6, 64 / 2, 8]: dim 1 (32 → 8) rather than the last (8 → 2).
-  assert sharding.zero1(spec(None, "tensor"), (6, 8, 16)).spec == P(None, "tensor", "data")
-  assert sharding.zero1(spec(None, "tensor"), (6, 64, 8)).spec == P(None, ("tensor", "data"), None)
-  assert sharding.zero1(spec(), (6, 3)).spec == P()  # nothing divides by 4: replicated
-  assert sharding.zero1(spec(), ()).spec == P()
+  # Per device [6, 8 / 2, 16] with dim 1 over tensor: 96 elements over data on the last
+  # dim or dim 1 alike: the last (shards of 16 → 4, not 4 → 1); [6, 64 / 2, 8]: dim 1
+  # (32 → 8 rather than 8 → 2 with padding 6 → 8 worse).
+  assert zero1(spec(None, "tensor"), (6, 8, 16)) == (P(None, "tensor", "data"), (6, 8, 16))
+  assert zero1(spec(None, "tensor"), (6, 64, 8)) == (P(None, ("tensor", "data"), None), (6, 64, 8))
+  # Nothing divides by 4: padded, 6 → 8 rows (6 elements of padding, as 3 → 4 columns
+  # would be; the larger dimension).
+  assert zero1(spec(), (6, 3)) == (P("data", None), (8, 3))
+  assert zero1(spec(), ()) == (P(), ())  # nothing to split
+  assert zero1(spec(), (1,)) == (P(), (1,))  # padding 1 → 4 holds 1 a device all the same
 
 
 def vision_flops(tensor: int) -> float:
@@ -166,16 +217,18 @@ def test_micro_batches_must_split_over_the_batch_shards():
   assert "8 batch shards" in message and "a multiple of 16" in message, message
 
 
-def test_zero1_splits_over_the_batch_axes_a_dimension_divides():
-  """All the free batch axes where a dimension divides their product; else the largest
-  subset some dimension divides (data 4 of data 4 × fsdp 2 for a dimension of 12); else
-  the parameter's own layout (replicated over them)."""
+def test_zero1_splits_over_all_the_free_batch_axes_padded_or_a_subset():
+  """Data 4 × fsdp 2: all the free batch axes where a dimension divides their product, or
+  padded where that holds fewer elements a device than a subset that divides."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = sharding.make_mesh(dict(slice=1, data=4, fsdp=2, tensor=1))
+  zero1 = lambda s, shape: (sharding.zero1(s, shape)[0].spec, sharding.zero1(s, shape)[1])
   s = NamedSharding(mesh, P())
-  assert sharding.zero1(s, (16, 6)).spec == P(("data", "fsdp"), None)
-  assert sharding.zero1(s, (12, 6)).spec == P("data", None)  # 12 % 8 ≠ 0, 12 % 4 = 0
-  assert sharding.zero1(s, (6, 10)).spec == P(None, "fsdp")  # only 2 divides: the larger dim
-  assert sharding.zero1(s, (3, 5)).spec == P()
+  assert zero1(s, (16, 6)) == (P(("data", "fsdp"), None), (16, 6))
+  # 12 rows: padded to 16 over 8 (12 a device) beats 12 over data 4 (18 a device).
+  assert zero1(s, (12, 6)) == (P(("data", "fsdp"), None), (16, 6))
+  # 4: over data 4 as padded to 8 over 8 holds 1 a device, without the padding.
+  assert zero1(s, (4,)) == (P("data"), (4,))
+  assert zero1(s, (3, 5)) == (P(None, ("data", "fsdp")), (3, 8))  # 3 a device, not 5
   # The axes the parameter already uses are not free.
-  assert sharding.zero1(NamedSharding(mesh, P("fsdp")), (12, 8)).spec == P("fsdp", "data")
+  assert zero1(NamedSharding(mesh, P("fsdp")), (12, 8)) == (P("fsdp", "data"), (12, 8))

@@ -9,7 +9,6 @@ import hashlib
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -42,7 +41,10 @@ class Checkpointer:
     directory = epath.Path(directory)
     if not directory.is_absolute():  # a relative local path (gs://... paths are absolute)
       directory = directory.absolute()
-    self.manager = ocp.CheckpointManager(directory, options=options)
+    # Handlers named up front, so a fresh manager can read the saved state's metadata.
+    self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=dict(
+        state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+        manifest=ocp.JsonCheckpointHandler()))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -63,8 +65,12 @@ class Checkpointer:
           f"{manifest.get('frozen_source')!r} (fingerprint {manifest.get('frozen_fingerprint')}), "
           f"but this run's frozen weights have fingerprint {frozen_fingerprint}. Resume with "
           "the same frozen weights, or start in a new workdir.")
+    _check_shapes(self.manager.item_metadata(step)["state"].tree, abstract_state, step)
+    # Not strict: the optimizer state's shapes may differ by ZeRO-1's zero padding at the
+    # array ends (update_layout.py), which orbax truncates or pads; every other leaf was
+    # checked above.
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract_state, strict=False), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], manifest
 
   def wait(self):
@@ -74,7 +80,18 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs with the given shardings: the target of a restore."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s),
-                      tree, shardings)
+def _check_shapes(saved: dict, target: dict, step: int):
+  """Every leaf outside the optimizer state has its saved shape; the optimizer state's
+  leaves (mirrors of the weights, which are checked) may differ by ZeRO-1's padding."""
+  for key in sorted(set(saved) - {"opt"}):
+    for path, (a, b) in _paired(saved[key], target[key]):
+      if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"checkpoint step {step}: state.{key}{jax.tree_util.keystr(path)} "
+                         f"was saved as {tuple(a.shape)}, this run's is {tuple(b.shape)}: "
+                         "resume with the model config it was trained with, or start in a "
+                         "new workdir.")
+
+
+def _paired(saved, target):
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  return [(path, (a, b)) for a, (path, b) in zip(treedef.flatten_up_to(saved), leaves)]

@@ -15,7 +15,7 @@ function, so what compiles there is what runs here.
   state_shardings          of the train state (step.py); optimizer moments inherit their
                            parameter's logical names, so they are sharded alike, or with
                            config.optimizer_sharding='zero1' also split over the batch
-                           axes (sharding.zero1)
+                           axes (update_layout.py)
   batch_shapes             dataset → key → ShapeDtypeStruct (global, batch-sharded)
   groups, steps            the datasets of each update (all of them, or one each for
                            round robin) → its jitted step(state, frozen, batches)
@@ -33,7 +33,8 @@ from flamingo_jax import sharding
 from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.data import loader
 from flamingo_jax.model import Flamingo
-from flamingo_jax.train import config as config_lib, flops, optimizer as optim, partition, step as step_lib
+from flamingo_jax.train import (config as config_lib, flops, optimizer as optim, partition,
+                                step as step_lib, update_layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,26 +190,27 @@ def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str,
   opt = optim.build(**dict(o), total_steps=config.total_steps)
   schedule = optim.learning_rate(o.lr, o.warmup_steps, o.decay, config.total_steps)
   skip_counters = {n: len(loader.SKIP_REASONS) for n, b in batch_shapes.items() if "skipped" in b}
-  seed = config.seed
-  new_state = lambda t: step_lib.init_state(t, opt, jax.random.PRNGKey(seed + 1), skip_counters)
   abstract_trainable, _ = partition.split(abstract_params, tuple(config.trainable))
   fp32 = lambda x: jax.ShapeDtypeStruct(x.shape, _cast(x.dtype, jnp.float32))
   abstract_trainable = jax.tree.map(  # trainable leaves are float32 whatever param_dtype
       lambda x: x.replace_boxed(fp32(x.value)) if isinstance(x, nn.Partitioned) else fp32(x),
       abstract_trainable, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  boxed_state = jax.eval_shape(new_state, abstract_trainable)
+  # ZeRO-1: each trainable leaf's optimizer state also splits over the batch axes
+  # (update_layout.py); the weights keep their own layout (state_shardings["params"]).
+  layout = (update_layout.zero1(trainable_shardings, nn.unbox(abstract_trainable))
+            if config.optimizer_sharding == "zero1" else update_layout.UpdateLayout())
+  seed = config.seed
+  state_in = lambda layout: lambda t: step_lib.init_state(
+      t, opt, jax.random.PRNGKey(seed + 1), skip_counters, layout)
+  new_state = state_in(layout)
+  # Shardings from the logical names the optimizer's moments inherit from their parameters,
+  # then (ZeRO-1) the moments' own layout; shapes as the layout pads them.
+  boxed_state = jax.eval_shape(state_in(update_layout.UpdateLayout()), abstract_trainable)
   state_shardings = nn.unbox(sharding.param_shardings(boxed_state, mesh, rules))
-  update_shardings = None
-  if config.optimizer_sharding == "zero1":
-    # ZeRO-1: each trainable leaf's optimizer state also splits over the batch axes; the
-    # step reduce-scatters the gradients into that layout, updates there, and all-gathers
-    # the new weights into their own layout (state_shardings["params"], unchanged).
-    zero1 = lambda s, x: sharding.zero1(s, x.shape)
-    state_shardings = {**state_shardings, "opt": jax.tree.map(
-        zero1, state_shardings["opt"], nn.unbox(boxed_state)["opt"])}
-    update_shardings = jax.tree.map(zero1, trainable_shardings, nn.unbox(abstract_trainable))
+  state_shardings["opt"] = layout.opt_shardings(opt, state_shardings["opt"])
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                nn.unbox(boxed_state), state_shardings)
+                                jax.eval_shape(new_state, nn.unbox(abstract_trainable)),
+                                state_shardings)
 
   # ---- the update steps: jit with explicit shardings, the state donated
   batch_sharding = sharding.batch_sharding(mesh)
@@ -221,8 +223,7 @@ def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str,
 
   def jitted(group):
     fn = step_lib.make_train_step(model, opt, {n: weights[n] for n in group},
-                                  config.microbatches, learning_rate=schedule,
-                                  update_shardings=update_shardings)
+                                  config.microbatches, learning_rate=schedule, layout=layout)
 
     def with_rules(state, frozen, batches):
       with nn.logical_axis_rules(rules):

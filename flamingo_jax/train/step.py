@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from flamingo_jax.train import partition
+from flamingo_jax.train.update_layout import UpdateLayout
 
 BATCH_KEYS = ("images", "media_mask", "input_ids", "attention_mask", "media_index",
               "targets", "loss_mask")
@@ -43,11 +44,11 @@ def summed_loss(model, params, batch: Mapping[str, jax.Array], rng=None) -> jax.
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng,
-               skip_counters: Mapping[str, int] = {}) -> dict:
+               skip_counters: Mapping[str, int] = {}, layout=UpdateLayout()) -> dict:
   """`skip_counters`: dataset name → number of skip reasons, for datasets whose batches
-  carry `skipped`."""
+  carry `skipped`; `layout`: where the optimizer state lives (update_layout.py)."""
   zero = jnp.zeros((), jnp.int32)
-  return dict(step=zero, params=params, opt=optimizer.init(params), rng=rng,
+  return dict(step=zero, params=params, opt=optimizer.init(layout.to_update(params)), rng=rng,
               nonfinite_total=zero, nonfinite_in_row=zero,
               skipped_records={n: jnp.zeros((r,), jnp.int32) for n, r in skip_counters.items()})
 
@@ -65,18 +66,16 @@ def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict:
 
 def make_train_step(model, optimizer: optax.GradientTransformation,
                     weights: Mapping[str, float], microbatches: int = 1, learning_rate=None,
-                    update_shardings=None):
+                    layout=UpdateLayout()):
   """`step(state, frozen, batches) -> (state, metrics)`; `batches` maps dataset name → batch.
 
   Every dataset in `batches` contributes `weight * mean token loss` to one update (the
   paper's accumulation over all datasets); pass a single dataset for round-robin.
   `learning_rate` (the optimizer's schedule) adds metric `lr`: the rate this update
   applies, at optax's count = the updates applied so far (skipped ones do not count).
-  `update_shardings` (of the trainable subtree; ZeRO-1: the optimizer state's layout):
-  where the gradients and the optimizer's update are computed.
+  `layout` (update_layout.py; ZeRO-1: the optimizer state's): where the gradients and the
+  optimizer's update are computed.
   """
-  constrain = lambda tree: (tree if update_shardings is None
-                            else jax.lax.with_sharding_constraint(tree, update_shardings))
 
   def loss_fn(trainable, frozen, batch, count, rng):
     total = summed_loss(model, partition.merge(trainable, frozen), batch, rng)
@@ -88,7 +87,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
   def step(state, frozen, batches):
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grads = constrain(jax.tree.map(jnp.zeros_like, params))
+    grads = layout.to_update(jax.tree.map(jnp.zeros_like, params))
     metrics, total_loss = {}, 0.0
     skipped_records = dict(state["skipped_records"])
     for i, (name, batch) in enumerate(sorted(batches.items())):
@@ -101,7 +100,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
       def accumulate(carry, micro, rng=jax.random.fold_in(rng, i), count=count, weight=weight):
         g_sum, loss_sum = carry
         loss, g = value_and_grad(params, frozen, micro, count, rng)
-        g = constrain(g)  # ZeRO-1: reduce-scattered (not all-reduced) into the moments' layout
+        g = layout.to_update(g)  # ZeRO-1: reduce-scattered (not all-reduced) into the moments' layout
         return (jax.tree.map(lambda a, b: a + weight * b, g_sum, g), loss_sum + loss), None
 
       # Micro-batches run one after another under scan: memory of one, gradient of all.
@@ -113,8 +112,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = optimizer.update(grads, state["opt"], constrain(params))
-    updates = constrain(updates)  # applied to the weights' layout: an all-gather
+    updates, new_opt = optimizer.update(grads, state["opt"], layout.to_update(params))
+    updates = layout.to_weights(updates, params)  # applied in the weights' layout: an all-gather
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = (~finite).astype(jnp.int32)
