@@ -12,7 +12,7 @@ from flamingo_jax import sharding
 from flamingo_jax.config import ConfigError
 from flamingo_jax.data import sources
 from flamingo_jax.model import Flamingo
-from flamingo_jax.train import checkpoint, hlo, program as program_lib
+from flamingo_jax.train import checkpoint, hlo, program as program_lib, update_layout
 from flamingo_jax.train.config import check_against_mesh
 
 DATA, TENSOR = 4, 2
@@ -117,6 +117,24 @@ def test_zero1_pads_what_the_data_axis_does_not_divide(runs):
   params = runs["zero1_padded"]["state"]["params"]
   assert shapes(params) == shapes(runs["params"]["state"]["params"])  # ... the weights not
   assert all(x.size == 1 or not x.sharding.is_fully_replicated for x in jax.tree.leaves(padded.mu))
+
+
+def test_update_layout_pads_to_the_layout_and_back():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = sharding.make_mesh(dict(data=4, tensor=2), jax.devices())
+  shardings = {"w": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P("tensor")),
+               "gate": NamedSharding(mesh, P())}
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(6, 6)), "b": rng.normal(size=(4,)), "gate": np.float32(0.5)}
+  tree = jax.device_put(jax.tree.map(np.float32, tree), shardings)
+  layout = update_layout.zero1(shardings, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
+  up = jax.jit(layout.to_update)(tree)
+  assert {k: x.shape for k, x in up.items()} == {"w": (8, 6), "b": (8,), "gate": ()}
+  assert up["w"].sharding.spec == P("data") and up["b"].sharding.spec == P(("tensor", "data"))
+  np.testing.assert_array_equal(up["w"][6:], 0)
+  np.testing.assert_array_equal(up["b"][4:], 0)
+  back = jax.jit(layout.to_weights)(up, tree)
+  jax.tree.map(np.testing.assert_array_equal, back, tree)
 
 
 def test_zero1_checkpoint_restores_under_another_padding(runs, tmp_path):

@@ -33,7 +33,8 @@ class UpdateLayout:
       return tree
 
     def pad(x, target):
-      x = jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, target.shape)])
+      if x.shape != target.shape:
+        x = jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, target.shape)])
       return jax.lax.with_sharding_constraint(x, target.sharding)
     return jax.tree.map(pad, tree, self.abstract)
 
