@@ -138,10 +138,11 @@ def zero1(s: NamedSharding, shape: tuple[int, ...]) -> tuple[NamedSharding, tupl
   """Where ZeRO-1 keeps the optimizer state of a parameter of `shape` laid out as `s`:
   (sharding, shape). Also split over batch axes `s` does not use, on one dimension,
   zero-padded at its end to a multiple of its shard count where it does not divide (every
-  power-of-two dimension under a data axis of 96): of all the free axes or any subset of
-  them, and any dimension, the layout with the fewest elements per device; ties go to
-  less padding, then to the dimension whose shards are largest. A leaf where nothing
-  gains (a scalar) keeps `s`, unpadded."""
+  power-of-two dimension under a data axis of 96; only a dimension `s` does not split, so
+  that the weights' shards keep their boundaries and the two layouts convert locally): of
+  all the free axes or any subset of them, and any dimension, the layout with the fewest
+  elements per device; ties go to less padding, then to the dimension whose shards are
+  largest. A leaf where nothing gains (a scalar) keeps `s`, unpadded."""
   mesh = s.mesh
   spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
   axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
@@ -156,6 +157,8 @@ def zero1(s: NamedSharding, shape: tuple[int, ...]) -> tuple[NamedSharding, tupl
       split = axes(spec[d]) + subset
       padded = list(shape)
       padded[d] = -(-shape[d] // size(split)) * size(split)
+      if padded[d] != shape[d] and size(axes(spec[d])) > 1:
+        continue  # padding a split dimension at its end would move every shard's boundary
       key = (count(padded) // size(used | set(subset)), count(padded) - count(shape),
              -(shape[d] // size(axes(spec[d]))))
       if key < best_key:

@@ -122,17 +122,22 @@ def test_zero1_pads_what_the_data_axis_does_not_divide(runs):
 def test_update_layout_pads_to_the_layout_and_back():
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = sharding.make_mesh(dict(data=4, tensor=2), jax.devices())
-  shardings = {"w": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P("tensor")),
-               "gate": NamedSharding(mesh, P())}
+  specs = {"w": P(), "v": P("tensor", None), "b": P(), "gate": P()}
+  shardings = {k: NamedSharding(mesh, spec) for k, spec in specs.items()}
   rng = np.random.default_rng(0)
-  tree = {"w": rng.normal(size=(6, 6)), "b": rng.normal(size=(4,)), "gate": np.float32(0.5)}
+  tree = {"w": rng.normal(size=(6, 6)), "v": rng.normal(size=(2, 6)), "b": rng.normal(size=(3,)),
+          "gate": np.float32(0.5)}
   tree = jax.device_put(jax.tree.map(np.float32, tree), shardings)
   layout = update_layout.zero1(shardings, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree))
   up = jax.jit(layout.to_update)(tree)
-  assert {k: x.shape for k, x in up.items()} == {"w": (8, 6), "b": (8,), "gate": ()}
-  assert up["w"].sharding.spec == P("data") and up["b"].sharding.spec == P(("tensor", "data"))
-  np.testing.assert_array_equal(up["w"][6:], 0)
-  np.testing.assert_array_equal(up["b"][4:], 0)
+  # `v`'s rows are split over tensor: its columns are padded, so each tensor shard's rows
+  # stay where they were.
+  assert {k: x.shape for k, x in up.items()} == {"w": (8, 6), "v": (2, 8), "b": (4,), "gate": ()}
+  assert {k: x.sharding.spec for k, x in up.items()} == {
+      "w": P("data"), "v": P("tensor", "data"), "b": P("data"), "gate": P()}
+  for k, x in up.items():
+    np.testing.assert_array_equal(x[tuple(slice(n) for n in tree[k].shape)], tree[k])
+    assert float(np.abs(np.asarray(x)).sum()) == pytest.approx(float(np.abs(np.asarray(tree[k])).sum()))
   back = jax.jit(layout.to_weights)(up, tree)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
 
@@ -178,6 +183,9 @@ def test_zero1_layout_takes_the_fewest_elements_per_device():
   # Nothing divides by 4: padded, 6 → 8 rows (6 elements of padding, as 3 → 4 columns
   # would be; the larger dimension).
   assert zero1(spec(), (6, 3)) == (P("data", None), (8, 3))
+  # A dimension the weight splits is never padded (its shards would move): [3, 14] with
+  # the columns over tensor pads its rows (7 a device), not its columns to 16 (6 a device).
+  assert zero1(spec(None, "tensor"), (3, 14)) == (P("data", "tensor"), (4, 14))
   assert zero1(spec(), ()) == (P(), ())  # nothing to split
   assert zero1(spec(), (1,)) == (P(), (1,))  # padding 1 → 4 holds 1 a device all the same
 
