@@ -54,12 +54,16 @@ class Flamingo(nn.Module):
 
   def __call__(self, images, input_ids, attention_mask=None, *, media_mask=None,
                media_index=None, positions=None, cached: SelfAttentionInputs | None = None,
-               logits_at=None) -> jax.Array:
-    """Logits [B, T, vocab]. `images` may be None (or have M = 0) for text-only batches."""
+               logits_at=None, vision_features=None) -> jax.Array:
+    """Logits [B, T, vocab]. `images` may be None (or have M = 0) for text-only batches.
+    `vision_features`: `vision_features(images)` computed beforehand (the train step runs
+    the frozen tower once over every dataset's images); `images` are then only checked."""
     check_inputs(self.config, images, input_ids, attention_mask, media_mask, media_index)
     media = None
     if images is not None and images.shape[1] > 0:
-      media = self.encode_media(images)
+      if vision_features is None:
+        vision_features = self.vision_features(images)
+      media = self.resampler(vision_features)
     return self.lm_logits(input_ids, attention_mask, media=media, media_index=media_index,
                           media_mask=media_mask, positions=positions, cached=cached,
                           logits_at=logits_at)

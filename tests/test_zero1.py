@@ -258,3 +258,34 @@ def test_zero1_splits_over_all_the_free_batch_axes_padded_or_a_subset():
   assert zero1(s, (3, 5)) == (P(None, ("data", "fsdp")), (3, 8))  # 3 a device, not 5
   # The axes the parameter already uses are not free.
   assert zero1(NamedSharding(mesh, P("fsdp")), (12, 8)) == (P("fsdp", "data"), (12, 8))
+
+
+def test_the_vision_tower_runs_once_over_every_datasets_images():
+  """Two datasets (5 images an example, and one 2-frame clip) in one update over data 2 × tensor 2: the
+  features equal each dataset's alone, and the step's program holds one vision tower (one
+  patch convolution, as with one dataset), not one per dataset."""
+  from flamingo_jax.train import step as step_lib
+  two = small_config(data=2)
+  two.data.other = dict(source="random", batch_size=4, weight=0.5, seq_len=16, max_images=1,
+                        num_frames=2)
+  program = build(two)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32),
+                        nn.unbox(program.abstract_params))
+  shapes = program.batch_shapes
+  images = {n: rng.normal(size=s["images"].shape).astype(np.float32) for n, s in shapes.items()}
+  assert len({x.shape[1] for x in images.values()}) == 2, {n: x.shape for n, x in images.items()}
+
+  def together(p, images):
+    with nn.logical_axis_rules(program.rules):
+      return step_lib.vision_features(program.model, p, {n: {"images": x} for n, x in images.items()})
+  with jax.set_mesh(program.mesh):
+    got = jax.jit(together, in_shardings=(None, sharding.batch_sharding(program.mesh)))(params, images)
+  for n, x in images.items():
+    want = jax.jit(lambda p, x: program.model.apply({"params": p}, x, method=Flamingo.vision_features))(params, x)
+    np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-6)
+
+  def convolutions(program):
+    (group,) = program.groups
+    return program.lower(group).as_text().count("stablehlo.convolution")
+  assert convolutions(program) == convolutions(build(small_config(data=2))) == 1

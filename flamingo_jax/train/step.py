@@ -13,17 +13,21 @@ Train state (a plain dict, big_vision style):
                        batch on device: every process's records, kept across resumes)
 Frozen params are a separate argument, closed over by the loss, never differentiated.
 """
+import itertools
+import math
 from typing import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from flamingo_jax import sharding
 from flamingo_jax.train import partition
 from flamingo_jax.train.update_layout import UpdateLayout
 
-BATCH_KEYS = ("images", "media_mask", "input_ids", "attention_mask", "media_index",
-              "targets", "loss_mask")
+BATCH_KEYS = ("images", "vision_features", "media_mask", "input_ids", "attention_mask",
+              "media_index", "targets", "loss_mask")
 
 
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
@@ -39,8 +43,38 @@ def summed_loss(model, params, batch: Mapping[str, jax.Array], rng=None) -> jax.
   logits = model.apply({"params": params}, batch.get("images"), batch["input_ids"],
                        batch.get("attention_mask"), media_mask=batch.get("media_mask"),
                        media_index=batch.get("media_index"),
+                       vision_features=batch.get("vision_features"),
                        rngs={} if rng is None else {"dropout": rng})
   return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+
+
+def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]]) -> dict:
+  """Dataset → `Flamingo.vision_features` of its images under `params` (the whole tree),
+  every dataset's images (of one size) in one call of the frozen tower: the program holds one vision tower, not one per
+  dataset. The call takes each batch shard's images of every dataset side by side, so
+  the concatenation is local to each device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in sharding.BATCH_AXES)
+  groups = {}
+  for name, batch in sorted(batches.items()):
+    images = batch.get("images")
+    if images is not None and images.shape[1] > 0:
+      groups.setdefault((images.shape[3:], images.dtype), []).append(name)
+  out = {}
+  for names in groups.values():
+    split = lambda n: shards if batches[n]["images"].shape[0] % shards == 0 else 1
+    k = min(split(n) for n in names)  # 1 where a batch does not split (no mesh check ran)
+    rows = [batches[n]["images"].reshape((k, -1) + batches[n]["images"].shape[3:]) for n in names]
+    images = jnp.concatenate(rows, axis=1)
+    features = model.apply({"params": params}, images.reshape((-1, 1, 1) + images.shape[2:]),
+                           method=type(model).vision_features)
+    features = features.reshape((k, images.shape[1]) + features.shape[3:])
+    offsets = itertools.accumulate(r.shape[1] for r in rows)
+    for n, r, end in zip(names, rows, offsets):
+      b, m, f = batches[n]["images"].shape[:3]
+      own = features[:, end - r.shape[1]:end].reshape((b, m, f) + features.shape[2:])
+      out[n] = nn.with_logical_constraint(own, ("act_batch", None, None, "act_len", "act_embed"))
+  return out
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng,
@@ -90,10 +124,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
     grads = layout.to_update(jax.tree.map(jnp.zeros_like, params))
     metrics, total_loss = {}, 0.0
     skipped_records = dict(state["skipped_records"])
+    features = vision_features(model, partition.merge(params, frozen), batches)
     for i, (name, batch) in enumerate(sorted(batches.items())):
       if "skipped" in batch:
         skipped_records[name] = skipped_records[name] + jnp.sum(batch["skipped"], axis=0)
       batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+      if name in features:
+        batch["vision_features"] = features[name]
       count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
       weight = weights[name]
 
