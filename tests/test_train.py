@@ -399,12 +399,12 @@ def test_paper_config_starts_on_random_batches_of_its_shapes(tmp_path):
 
 
 def test_paper_configs_split_their_batches_over_their_pods():
-  """flamingo_80b is the paper's 1536-chip run: 16-way tensor leaves 96 batch shards, and
+  """flamingo_80b is the paper's 1536-chip run (16-way tensor, ZeRO-1): 96 batch shards, and
   every per-dataset batch splits over them; 3B and 9B over a 64-chip v4 slice."""
   from flamingo_jax.train.config import check
   c80 = load_config("flamingo_80b")
   check(c80)
-  assert c80.mesh.tensor == 16 and c80.mesh.fsdp == 4
+  assert c80.mesh.tensor == 16 and c80.mesh.fsdp == 1 and c80.optimizer_sharding == "zero1"
   shards = 1536 // c80.mesh.tensor
   assert {n: d.batch_size % shards for n, d in c80.data.items()} == dict.fromkeys(c80.data, 0)
   assert {n: d.batch_size for n, d in c80.data.items()} == dict(m3w=288, align=576, ltip=576, vtp=96)
