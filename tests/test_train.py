@@ -115,13 +115,11 @@ def test_optimizer_state_has_no_frozen_leaf(reference_run):
     assert not any(f.replace("/", "']['") in path for f in frozen_paths), path
 
 
-@pytest.mark.parametrize("mesh,devices", [
-    (dict(slice=1, data=1, fsdp=1, tensor=1), 1),
-    (dict(slice=1, data=1, fsdp=2, tensor=4), 8),
-])
-def test_meshes_give_the_same_losses(reference_run, tmp_path, mesh, devices):
+def test_one_device_gives_the_same_losses(reference_run, tmp_path):
+  """(fsdp × tensor: test_restore_onto_a_different_mesh trains its last 5 steps there.)"""
   workdir, _ = reference_run
-  train_lib.train(tiny_config(total_steps=10, mesh=mesh), str(tmp_path), devices=jax.devices()[:devices])
+  train_lib.train(tiny_config(total_steps=10, mesh=dict(slice=1, data=1, fsdp=1, tensor=1)),
+                  str(tmp_path), devices=jax.devices()[:1])
   ours, ref = losses(str(tmp_path)), losses(workdir)
   np.testing.assert_allclose([ours[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],
                              rtol=2e-3)
