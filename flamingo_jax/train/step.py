@@ -49,10 +49,10 @@ def summed_loss(model, params, batch: Mapping[str, jax.Array], rng=None) -> jax.
 
 
 def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]]) -> dict:
-  """Dataset → `Flamingo.vision_features` of its images under `params` (the whole tree),
-  every dataset's images (of one size) in one call of the frozen tower: the program holds one vision tower, not one per
-  dataset. The call takes each batch shard's images of every dataset side by side, so
-  the concatenation is local to each device."""
+  """Dataset → `Flamingo.vision_features` of its images under `params` (the whole tree):
+  every dataset's images (of one size) in one call of the frozen tower, so the program
+  holds one vision tower, not one per dataset. The call takes each batch shard's images of
+  every dataset side by side, so the concatenation is local to each device."""
   mesh = jax.sharding.get_abstract_mesh()
   shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in sharding.BATCH_AXES)
   groups = {}
@@ -137,7 +137,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
       def accumulate(carry, micro, rng=jax.random.fold_in(rng, i), count=count, weight=weight):
         g_sum, loss_sum = carry
         loss, g = value_and_grad(params, frozen, micro, count, rng)
-        g = layout.to_update(g)  # ZeRO-1: reduce-scattered (not all-reduced) into the moments' layout
+        g = layout.to_update(g)  # ZeRO-1: reduced into the moments' layout
         return (jax.tree.map(lambda a, b: a + weight * b, g_sum, g), loss_sum + loss), None
 
       # Micro-batches run one after another under scan: memory of one, gradient of all.
