@@ -2,10 +2,11 @@
 
 By default the weights' own layout. Under ZeRO-1 (config.optimizer_sharding='zero1') each
 trainable leaf is also split over the batch axes its weight does not use
-(`sharding.zero1`): the step reduce-scatters the gradients into that layout, the optimizer
+(`sharding.zero1`): the step reduces the gradients into that layout, the optimizer
 updates its shards there, and the new weights are all-gathered back into their own
 layout. A leaf none of whose dimensions divides those axes (every power-of-two dimension
-under a data axis of 96) is zero-padded at the end of one dimension: the padding has
+under a data axis of 96) is zero-padded at the end of one dimension the weight does not
+split (so the weights' shards keep their boundaries): the padding has
 zero gradient, zero moments and zero weight decay, so the update is the unpadded one, and
 a checkpoint restores under another mesh's padding (checkpoint.py: orbax pads or
 truncates array ends).
