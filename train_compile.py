@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile on the CPU; libtpu only
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from flamingo_jax import cli  # noqa: E402
+from flamingo_jax import cli, sharding  # noqa: E402
 from flamingo_jax.config import ConfigError  # noqa: E402
 from flamingo_jax.train import hlo, program as program_lib, topology as topology_lib  # noqa: E402
 
@@ -90,7 +90,7 @@ def run(config, topology_name: str, num_slices: int = 1) -> dict:
   slices = f"{num_slices} × " if num_slices > 1 else ""
   print(f"topology {slices}{topology_name}: {len(devices)} × {chip.device_kind} "
         f"({chip.usable_hbm_gib} GiB usable HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 each)")
-  print(f"mesh {dict(mesh.shape)}; batch shards {mesh.size // mesh.shape['tensor']}")
+  print(f"mesh {dict(mesh.shape)}; batch shards {sharding.batch_shards(mesh)}")
   per_step = {n: int(shapes[n]["input_ids"].shape[0]) for n in shapes}
   print("batch per dataset:", ", ".join(f"{n} {b}" for n, b in sorted(per_step.items())))
 

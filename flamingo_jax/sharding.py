@@ -88,6 +88,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def batch_shards(mesh) -> int:
+  """How many ways the batch splits: the product of the batch axes (1 without a mesh)."""
+  return 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
+
+
 def rules(overrides=()) -> tuple:
   """DEFAULT_RULES with `overrides` ((name, axes) pairs) taking precedence."""
   overrides = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in overrides)
@@ -117,7 +122,7 @@ def data_parallel(fn, x: jax.Array) -> jax.Array:
   if not rules or mesh.empty or mesh.shape.get("tensor", 1) == 1:
     return fn(x)
   tensor = mesh.shape["tensor"]
-  shards, n = mesh.size // tensor, x.shape[0]
+  shards, n = batch_shards(mesh), x.shape[0]
   if n % shards:
     return fn(x)
   # [shards, n / shards] splits each batch shard's rows in place; padding them to a

@@ -7,7 +7,7 @@ whatever else differs, and can be overridden on the command line:
 """
 import ml_collections
 
-from flamingo_jax import trainable
+from flamingo_jax import sharding, trainable
 from flamingo_jax.config import ConfigError, FlamingoConfig
 
 
@@ -109,7 +109,7 @@ def check(config) -> FlamingoConfig:
 def check_against_mesh(config, mesh) -> None:
   """Checks that need the device count: every batch, and each of its micro-batches, splits
   evenly over the batch axes (else XLA reshards each micro-batch, images included)."""
-  shards = mesh.shape["slice"] * mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   n = int(config.microbatches)
   for name, d in config.data.items():
     if int(d.batch_size) % shards:

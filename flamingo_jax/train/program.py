@@ -200,12 +200,12 @@ def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str,
   layout = (update_layout.zero1(trainable_shardings, nn.unbox(abstract_trainable))
             if config.optimizer_sharding == "zero1" else update_layout.UpdateLayout())
   seed = config.seed
-  state_in = lambda layout: lambda t: step_lib.init_state(
+  new_state = lambda t, layout=layout: step_lib.init_state(
       t, opt, jax.random.PRNGKey(seed + 1), skip_counters, layout)
-  new_state = state_in(layout)
-  # Shardings from the logical names the optimizer's moments inherit from their parameters,
-  # then (ZeRO-1) the moments' own layout; shapes as the layout pads them.
-  boxed_state = jax.eval_shape(state_in(update_layout.UpdateLayout()), abstract_trainable)
+  # Shardings from the logical names the optimizer's moments inherit from their parameters
+  # (the weights' layout), then (ZeRO-1) the moments' own; shapes as the layout pads them.
+  boxed_state = jax.eval_shape(lambda t: new_state(t, update_layout.UpdateLayout()),
+                               abstract_trainable)
   state_shardings = nn.unbox(sharding.param_shardings(boxed_state, mesh, rules))
   state_shardings["opt"] = layout.opt_shardings(opt, state_shardings["opt"])
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -14,7 +14,6 @@ Train state (a plain dict, big_vision style):
 Frozen params are a separate argument, closed over by the loss, never differentiated.
 """
 import itertools
-import math
 from typing import Mapping
 
 import flax.linen as nn
@@ -53,8 +52,7 @@ def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]
   every dataset's images (of one size) in one call of the frozen tower, so the program
   holds one vision tower, not one per dataset. The call takes each batch shard's images of
   every dataset side by side, so the concatenation is local to each device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in sharding.BATCH_AXES)
+  shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
   groups = {}
   for name, batch in sorted(batches.items()):
     images = batch.get("images")
