@@ -252,6 +252,9 @@ class FlamingoConfig:
   # decode step inside a while loop that slices stacked weights copies every slice at
   # every step on backends that do not fuse the slice into the matmul (XLA:CPU does not).
   scan_layers: bool = True
+  # Images each device encodes at a time, under a loop (0: all at once). On TPU a
+  # convolution's compile time grows with the images it holds (sharding.data_parallel).
+  vision_chunk: int = 0
 
   def check(self):
     for name in ("vision", "resampler", "lm", "xattn"):
@@ -264,6 +267,7 @@ class FlamingoConfig:
     _one_of(self.dtype, "dtype", DTYPES)
     _one_of(self.param_dtype, "param_dtype", DTYPES)
     _one_of(self.remat_policy, "remat_policy", ("none", "full", "dots"))
+    _require(self.vision_chunk >= 0, "vision_chunk", f"{self.vision_chunk} must be >= 0 (0 = all at once)")
     for name in ("media_token_id", "eoc_token_id"):
       value = getattr(self, name)
       _require(-1 <= value < self.lm.vocab_size, name,

@@ -32,7 +32,8 @@ class Flamingo(nn.Module):
     data parallel over the whole mesh (sharding.data_parallel: `tensor` too), then laid
     out for the resampler and LM (the batch over the batch axes)."""
     b, m, f = images.shape[:3]
-    features = sharding.data_parallel(self.vision, images.reshape((b * m * f,) + images.shape[3:]))
+    features = sharding.data_parallel(self.vision, images.reshape((b * m * f,) + images.shape[3:]),
+                                      chunk=self.config.vision_chunk)
     # The vision tower is frozen: no gradient flows into it, whatever the optimizer mask.
     features = jax.lax.stop_gradient(features.reshape((b, m, f) + features.shape[1:]))
     return nn.with_logical_constraint(features, ("act_batch", None, None, "act_len", "act_embed"))

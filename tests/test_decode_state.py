@@ -56,6 +56,27 @@ def test_prefill_and_extends_equal_the_forward_pass(family, placement):
   assert relative_error(np.asarray(other), want[:, t0:t0 + 1]) > 1e-3
 
 
+def test_alibi_bias_is_built_once_per_lm_call(monkeypatch):
+  """MPT's ALiBi row comes from the key positions once per call (forward, prefill, each
+  extend), shared by every layer, not once per layer (unscanned: a per-layer build would
+  trace 5 times)."""
+  from flamingo_jax.lm import mpt
+  model, params = unscanned(*model_and_params(make_config("mpt", "first")))
+  ids, mask, images = batch(model.config)
+  calls = []
+  def counted(*args):
+    calls.append(1)
+    return alibi_bias(*args)
+  alibi_bias = mpt.alibi_bias
+  monkeypatch.setattr(mpt, "alibi_bias", counted)
+  jax.eval_shape(functools.partial(model.apply, {"params": params}), images, ids, mask)
+  assert len(calls) == 1
+  _, st = jax.eval_shape(functools.partial(decode_state.prefill, model, cache_size=16),
+                         params, images=images, input_ids=ids, attention_mask=mask)
+  jax.eval_shape(functools.partial(decode_state.extend, model), params, st, ids[:, :1])
+  assert len(calls) == 3
+
+
 def test_logits_only_where_asked():
   config = make_config("llama", "first")
   model, params = model_and_params(config)

@@ -2,6 +2,9 @@
 the batch axes, the weights in their own layout; zero-padded where the axes divide no
 dimension), the frozen vision tower data parallel over the whole mesh, and micro-batches
 checked against the mesh."""
+import dataclasses
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -211,26 +214,42 @@ def test_vision_tower_flops_per_device_fall_with_the_tensor_axis():
   assert flops[4] == pytest.approx(flops[1] / 4, rel=0.1), flops
 
 
-def test_vision_features_split_over_tensor_equal_one_device():
-  """6 examples of 5 images over data 2 × tensor 4: a batch shard's 15 images are padded to
-  16, 4 a device; the features are those of one device."""
-  program = build(small_config(data=2, tensor=4))
+@pytest.mark.parametrize("tensor,chunk", [(4, 0), (4, 3), (1, 2)])
+def test_vision_features_split_over_tensor_equal_one_device(tensor, chunk):
+  """6 examples of 5 images over data 2 × `tensor`: a batch shard's 15 images are padded to
+  16, 4 a device (tensor 4), and with `vision_chunk` encoded `chunk` at a time under a
+  loop (2 steps of 3, 8 of 2); the features are those of one device, all at once. The
+  loop's convolution holds a chunk of each device's images."""
+  config = small_config(data=2, tensor=tensor)
+  config.model.vision_chunk = chunk
+  program = build(config)
   rng = np.random.default_rng(0)
   vision = {"vision": jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32),
                                    nn.unbox(program.abstract_params)["vision"])}
   images = rng.normal(size=(6,) + program.batch_shapes["synthetic"]["images"].shape[1:])
   images = images.astype(np.float32)
-  apply = lambda p, x: program.model.apply({"params": p}, x, method=Flamingo.vision_features)
-  want = jax.jit(apply)(vision, images)
+  apply = lambda model, p, x: model.apply({"params": p}, x, method=Flamingo.vision_features)
+  unchunked = Flamingo(dataclasses.replace(program.model.config, vision_chunk=0))
+  want = jax.jit(functools.partial(apply, unchunked))(vision, images)
+  # One device, chunked: the loop without a mesh.
+  np.testing.assert_allclose(jax.jit(functools.partial(apply, program.model))(vision, images),
+                             want, rtol=1e-5, atol=1e-6)
 
   def sharded(p, x):
     with nn.logical_axis_rules(program.rules):
-      return apply(p, x)
+      return apply(program.model, p, x)
   replicated = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec())
   with jax.set_mesh(program.mesh):
-    got = jax.jit(sharded, in_shardings=(replicated, sharding.batch_sharding(program.mesh)))(
-        vision, images)
+    lowered = jax.jit(sharded, in_shardings=(replicated, sharding.batch_sharding(program.mesh))
+                      ).lower(vision, images)
+    got = lowered.compile()(vision, images)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The patch convolution's input, per device: [images a device encodes at once, H, W, C].
+  hlo = lowered.compile().as_text()
+  per_device = lambda n: f"f32[{n},{images.shape[-3]},{images.shape[-2]},3]"
+  assert per_device(chunk or -(-15 // tensor)) in hlo
+  if chunk:
+    assert per_device(-(-15 // tensor)) not in hlo
 
 
 def test_micro_batches_must_split_over_the_batch_shards():

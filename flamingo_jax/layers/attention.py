@@ -40,12 +40,14 @@ class SelfAttentionInputs:
   position ids (rotary). key_positions [B, S + T]: the keys' position ids (ALiBi).
   cache_rows [B, S]: the cache row that holds each slot of this row (beam search: beams
   share the slots of their common past, so following a beam moves indices, not the
-  cache); None: the row itself.
+  cache); None: the row itself. bias [B, H, 1, S + T]: an additive bias on every layer's
+  logits (the LM family's `attention_bias`, ALiBi), built once per LM call; None: none.
   """
   mask: jax.Array
   positions: jax.Array
   key_positions: jax.Array
   cache_rows: jax.Array | None = None
+  bias: jax.Array | None = None
 
   @classmethod
   def causal(cls, attention_mask: jax.Array, positions: jax.Array) -> "SelfAttentionInputs":

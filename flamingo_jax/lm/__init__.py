@@ -1,5 +1,7 @@
 """Frozen decoder-only LMs. Each family module (llama, mpt, gpt_neox) exports `Layer`
-(one decoder layer: `(x, *, attn: SelfAttentionInputs) -> x`) and `final_norm(config, **kw)`."""
+(one decoder layer: `(x, *, attn: SelfAttentionInputs) -> x`) and `final_norm(config, **kw)`;
+one whose self-attention takes a bias every layer shares (ALiBi) also exports
+`attention_bias(config, attn) -> [B, H, 1, S + T]`, built once per LM call (`attn.bias`)."""
 import importlib
 
 from flamingo_jax.layers.attention import Attention, SelfAttentionInputs
@@ -9,7 +11,7 @@ def family(name: str):
   return importlib.import_module(f"flamingo_jax.lm.{name}")
 
 
-def self_attention(config, h, attn: SelfAttentionInputs, *, bias=None, **kw):
+def self_attention(config, h, attn: SelfAttentionInputs, **kw):
   """The layer's `attn` submodule, shaped by the LM config, applied to h [B, T, D].
   Call it inside a layer's compact `__call__` (the submodule is created there)."""
   c = config
@@ -17,5 +19,5 @@ def self_attention(config, h, attn: SelfAttentionInputs, *, bias=None, **kw):
                      out_bias=c.use_bias, rope_dim=c.rope_dim, rope_theta=c.rope_theta,
                      rope_scaling=c.rope_scaling, qk_norm=c.qk_norm, qk_norm_eps=c.norm_eps,
                      kv_cache=True, impl=c.attention_impl, name="attn", **kw)
-  return module(h, mask=attn.mask, bias=bias, positions=attn.positions,
+  return module(h, mask=attn.mask, bias=attn.bias, positions=attn.positions,
                 cache_rows=attn.cache_rows)

@@ -167,6 +167,9 @@ class DecoderLM(nn.Module):
       attn = SelfAttentionInputs.causal(attention_mask, positions)
     else:
       attn = cached
+    family = lm_families.family(c.lm.family)
+    if hasattr(family, "attention_bias"):
+      attn = attn.replace(bias=family.attention_bias(c.lm, attn))
 
     if media_index is None:
       media_index = jnp.full((b, t), -1, jnp.int32)
@@ -201,7 +204,7 @@ class DecoderLM(nn.Module):
 
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-    x = lm_families.family(c.lm.family).final_norm(c.lm, **kw)(x)
+    x = family.final_norm(c.lm, **kw)(x)
     if c.lm.tie_embeddings:
       logits = embed.attend(x)
     else:

@@ -27,6 +27,11 @@ def alibi_slopes(num_heads: int, bias_max: float) -> np.ndarray:
   return slopes.astype(np.float32)
 
 
+def attention_bias(config: LMConfig, attn: SelfAttentionInputs) -> jax.Array:
+  """ALiBi, shared by every layer."""
+  return alibi_bias(attn.key_positions, attn.positions, config.num_heads, config.alibi_bias_max)
+
+
 def alibi_bias(key_positions: jax.Array, query_positions: jax.Array, num_heads: int,
                bias_max: float) -> jax.Array:
   """Additive bias [B, H, 1, S] = slope_h * (key position - the row's last query position).
@@ -52,9 +57,8 @@ class Layer(nn.Module):
   def __call__(self, x: jax.Array, *, attn: SelfAttentionInputs) -> jax.Array:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    bias = alibi_bias(attn.key_positions, attn.positions, c.num_heads, c.alibi_bias_max)
     h = LayerNorm(eps=c.norm_eps, use_bias=c.use_bias, name="attn_norm", **kw)(x)
-    x = x + self_attention(c, h, attn, bias=bias, **kw)
+    x = x + self_attention(c, h, attn, **kw)
     h = LayerNorm(eps=c.norm_eps, use_bias=c.use_bias, name="mlp_norm", **kw)(x)
     return x + MLP(c.mlp_dim, c.activation, use_bias=c.use_bias, name="mlp", **kw)(h)
 

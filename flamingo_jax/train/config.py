@@ -127,7 +127,7 @@ def check_against_mesh(config, mesh) -> None:
 
 # Run-time choices a training config may set differently from the weights it starts from.
 _RUN_TIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "trainable_token_ids",
-                    "lm.max_seq_len", "lm.attention_impl")
+                    "lm.max_seq_len", "lm.attention_impl", "vision_chunk")
 
 
 def check_against_init(model_config: FlamingoConfig, init_config: FlamingoConfig, init: str):
