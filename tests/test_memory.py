@@ -1,7 +1,8 @@
 """Memory that matches the arithmetic, on 8 CPU devices (data 2 × fsdp 2 × tensor 2): the
 compiled step's arguments are exactly the state, frozen-weight and batch shards a device
-should hold, no activation is gathered over the batch, and the backward keeps no float32
-copy of the frozen (bf16) weights."""
+should hold, its temporaries are within 10% of the activations and gradients a device
+holds, no activation is gathered over the batch, and the backward keeps no float32 copy
+of the frozen (bf16) weights."""
 import re
 
 import jax
@@ -80,3 +81,37 @@ def test_backward_keeps_no_float32_copy_of_frozen_weights(tied):
   assert not copies, copies
   # The check sees the frozen weights: they are saved, as stored (bf16).
   assert any(aval.dtype == jnp.bfloat16 and tuple(aval.shape) in frozen_shapes for aval, _ in residuals)
+
+
+def test_compiled_temporaries_are_within_the_arithmetic():
+  """The step's temporaries per device ≤ 1.1 × (a device's activations + its shard of the
+  trainable weights three times over: the accumulated gradient, a micro-batch's, the
+  optimizer's update). Activations: what autodiff saves for the backward over one batch
+  shard's examples (jax's saved residuals, less the weights). Frozen weights in float32
+  here: XLA:CPU upcasts bf16 weights before its dots (≈ 2 × their shards of temporaries,
+  not in the program; TPU and GPU dots take them as stored), which would blur the bound."""
+  c = config()
+  c.frozen_dtype = "float32"
+  program = program_lib.from_config(c)
+  (group,) = program.groups
+  temporaries = program.lower(group).compile().memory_analysis().temp_size_in_bytes
+  shards = 4  # data 2 × fsdp 2
+  batch = {k: jax.ShapeDtypeStruct((v.shape[0] // shards,) + v.shape[1:], v.dtype)
+           for k, v in program.batch_shapes["synthetic"].items() if k in step_lib.BATCH_KEYS}
+  frozen = program.abstract_frozen()
+  trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
+                           program.abstract_state["params"])
+  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+  residuals = saved_residuals(
+      lambda t: step_lib.summed_loss(program.model, partition.merge(t, zeros(frozen)), zeros(batch)),
+      zeros(trainable))
+  weights = {tuple(x.shape) for x in jax.tree.leaves(frozen)}
+  weights |= {s[1:] for s in weights}  # one scanned layer's slice
+  activations = sum(a.size * a.dtype.itemsize for a, why in residuals
+                    if not why.startswith("from the argument") and tuple(a.shape) not in weights)
+  arguments = program.argument_bytes(group)
+  # The state is the trainable shard three times over (params + Adam's two moments).
+  arithmetic = activations + arguments["state"]
+  assert temporaries <= 1.1 * arithmetic, (temporaries, activations, arguments)
+  # The margin is less than a gathered copy of the frozen LM weights a device holds.
+  assert 0.1 * arithmetic < arguments["frozen"]
