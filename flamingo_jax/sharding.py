@@ -93,6 +93,21 @@ def batch_shards(mesh) -> int:
   return 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
 
 
+def side_by_side(xs, shards: int) -> jax.Array:
+  """Arrays [B_i, ...] of one trailing shape → [ΣB_i, ...] holding each batch shard's rows
+  of every array side by side: a concatenation local to each device (where every B_i
+  splits over `shards`; pass 1 otherwise)."""
+  rows = [x.reshape((shards, -1) + x.shape[1:]) for x in xs]
+  return jnp.concatenate(rows, axis=1).reshape((-1,) + xs[0].shape[1:])
+
+
+def unstack_side_by_side(y: jax.Array, sizes, shards: int) -> list:
+  """`side_by_side`'s inverse: [ΣB_i, ...] → the arrays [B_i, ...] (`sizes` = the B_i)."""
+  y = y.reshape((shards, -1) + y.shape[1:])
+  ends = list(itertools.accumulate(b // shards for b in sizes))
+  return [y[:, end - b // shards:end].reshape((b,) + y.shape[2:]) for b, end in zip(sizes, ends)]
+
+
 def rules(overrides=()) -> tuple:
   """DEFAULT_RULES with `overrides` ((name, axes) pairs) taking precedence."""
   overrides = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in overrides)

@@ -13,7 +13,6 @@ Train state (a plain dict, big_vision style):
                        batch on device: every process's records, kept across resumes)
 Frozen params are a separate argument, closed over by the loss, never differentiated.
 """
-import itertools
 from typing import Mapping
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from flamingo_jax import sharding
+from flamingo_jax.inputs import check_inputs, media_index_from_tokens
 from flamingo_jax.train import partition
 from flamingo_jax.train.update_layout import UpdateLayout
 
@@ -29,22 +29,66 @@ BATCH_KEYS = ("images", "vision_features", "media_mask", "input_ids", "attention
               "media_index", "targets", "loss_mask")
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
-  """(sum of loss_mask-weighted token NLLs, sum of loss_mask), in float32."""
+def token_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """loss_mask-weighted token NLLs [B, T], in float32."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = loss_mask.astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  return nll * loss_mask.astype(jnp.float32)
 
 
 def summed_loss(model, params, batch: Mapping[str, jax.Array], rng=None) -> jax.Array:
   """The batch's loss_mask-weighted sum of token NLLs under `params` (the whole tree)."""
-  logits = model.apply({"params": params}, batch.get("images"), batch["input_ids"],
-                       batch.get("attention_mask"), media_mask=batch.get("media_mask"),
-                       media_index=batch.get("media_index"),
-                       vision_features=batch.get("vision_features"),
-                       rngs={} if rng is None else {"dropout": rng})
-  return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+  return summed_losses(model, params, {"": batch}, rng)[""]
+
+
+def lm_groups(batches: Mapping[str, Mapping[str, jax.Array]]) -> list[tuple[str, ...]]:
+  """The datasets whose LM inputs have one shape (text length, media slots), in name order:
+  `summed_losses` runs each group's LM as one call (ALIGN's and VTP's 32 tokens and one
+  medium, whatever their frames), so the program holds one LM per shape, not per dataset."""
+  groups = {}
+  for name, batch in sorted(batches.items()):
+    images = batch.get("images")
+    slots = 0 if images is None else images.shape[1]
+    groups.setdefault((batch["input_ids"].shape[1], slots), []).append(name)
+  return [tuple(names) for names in groups.values()]
+
+
+def _lm_inputs(module, batch) -> dict:
+  """One dataset's LM inputs, defaults spelt out (so datasets stack), media resampled."""
+  c = module.config
+  images, ids = batch.get("images"), batch["input_ids"]
+  check_inputs(c, images, ids, batch.get("attention_mask"), batch.get("media_mask"),
+               batch.get("media_index"))
+  out = dict(input_ids=ids, targets=batch["targets"], loss_mask=batch["loss_mask"],
+             attention_mask=batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32)),
+             media_index=batch.get("media_index", media_index_from_tokens(ids, c.media_token_id)))
+  if images is not None and images.shape[1] > 0:
+    features = batch.get("vision_features")
+    out["media"] = module.resampler(module.vision_features(images) if features is None else features)
+    out["media_mask"] = batch.get("media_mask", jnp.ones(images.shape[:2], bool))
+  return out
+
+
+def summed_losses(model, params, batches: Mapping[str, Mapping[str, jax.Array]], rng=None) -> dict:
+  """Dataset → its batch's loss_mask-weighted sum of token NLLs under `params` (the whole
+  tree), for datasets of one `lm_groups` group: the LM runs once over their rows, each batch
+  shard's rows of every dataset side by side (local to each device)."""
+  names = sorted(batches)
+  shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
+  sizes = [batches[n]["input_ids"].shape[0] for n in names]
+  k = shards if all(b % shards == 0 for b in sizes) else 1
+
+  def forward(module):
+    inputs = [_lm_inputs(module, batches[n]) for n in names]
+    stacked = {key: sharding.side_by_side([x[key] for x in inputs], k) for key in inputs[0]}
+    logits = module.lm_logits(stacked["input_ids"], stacked["attention_mask"],
+                              media=stacked.get("media"), media_index=stacked["media_index"],
+                              media_mask=stacked.get("media_mask"))
+    nll = token_nll(logits, stacked["targets"], stacked["loss_mask"])
+    return [jnp.sum(x) for x in sharding.unstack_side_by_side(nll, sizes, k)]
+
+  sums = model.apply({"params": params}, method=forward, rngs={} if rng is None else {"dropout": rng})
+  return dict(zip(names, sums))
 
 
 def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]]) -> dict:
@@ -60,18 +104,15 @@ def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]
       groups.setdefault((images.shape[3:], images.dtype), []).append(name)
   out = {}
   for names in groups.values():
-    split = lambda n: shards if batches[n]["images"].shape[0] % shards == 0 else 1
-    k = min(split(n) for n in names)  # 1 where a batch does not split (no mesh check ran)
-    rows = [batches[n]["images"].reshape((k, -1) + batches[n]["images"].shape[3:]) for n in names]
-    images = jnp.concatenate(rows, axis=1)
-    features = model.apply({"params": params}, images.reshape((-1, 1, 1) + images.shape[2:]),
-                           method=type(model).vision_features)
-    features = features.reshape((k, images.shape[1]) + features.shape[3:])
-    offsets = itertools.accumulate(r.shape[1] for r in rows)
-    for n, r, end in zip(names, rows, offsets):
-      b, m, f = batches[n]["images"].shape[:3]
-      own = features[:, end - r.shape[1]:end].reshape((b, m, f) + features.shape[2:])
-      out[n] = nn.with_logical_constraint(own, ("act_batch", None, None, "act_len", "act_embed"))
+    shapes = [batches[n]["images"].shape for n in names]
+    k = shards if all(s[0] % shards == 0 for s in shapes) else 1  # 1: no mesh check ran
+    flat = [batches[n]["images"].reshape((-1,) + s[3:]) for n, s in zip(names, shapes)]
+    images = sharding.side_by_side(flat, k)
+    features = model.apply({"params": params}, images[:, None, None], method=type(model).vision_features)
+    own = sharding.unstack_side_by_side(features[:, 0, 0], [len(x) for x in flat], k)
+    for n, s, f in zip(names, shapes, own):
+      out[n] = nn.with_logical_constraint(f.reshape(s[:3] + f.shape[1:]),
+                                          ("act_batch", None, None, "act_len", "act_embed"))
   return out
 
 
@@ -109,41 +150,49 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
   optimizer's update are computed.
   """
 
-  def loss_fn(trainable, frozen, batch, count, rng):
-    total = summed_loss(model, partition.merge(trainable, frozen), batch, rng)
-    # Divided by the whole batch's token count, so micro-batch losses add up to the mean.
-    return total / jnp.maximum(count, 1.0)
+  def loss_fn(trainable, frozen, batches, counts, rng):
+    sums = summed_losses(model, partition.merge(trainable, frozen), batches, rng)
+    # Each divided by its whole batch's token count, so micro-batch losses add up to the mean.
+    losses = {n: sums[n] / jnp.maximum(counts[n], 1.0) for n in sums}
+    return sum(weights[n] * losses[n] for n in losses), losses
 
-  value_and_grad = jax.value_and_grad(loss_fn)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, frozen, batches):
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], state["step"])
     grads = layout.to_update(jax.tree.map(jnp.zeros_like, params))
-    metrics, total_loss = {}, 0.0
+    metrics = {}
     skipped_records = dict(state["skipped_records"])
     features = vision_features(model, partition.merge(params, frozen), batches)
-    for i, (name, batch) in enumerate(sorted(batches.items())):
+    inputs, counts = {}, {}
+    for name, batch in sorted(batches.items()):
       if "skipped" in batch:
         skipped_records[name] = skipped_records[name] + jnp.sum(batch["skipped"], axis=0)
-      batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+      inputs[name] = {k: v for k, v in batch.items() if k in BATCH_KEYS}
       if name in features:
-        batch["vision_features"] = features[name]
-      count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-      weight = weights[name]
+        inputs[name]["vision_features"] = features[name]
+      counts[name] = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    losses = {}
+    for i, names in enumerate(lm_groups(inputs)):
+      group_counts = {n: counts[n] for n in names}
 
-      def accumulate(carry, micro, rng=jax.random.fold_in(rng, i), count=count, weight=weight):
-        g_sum, loss_sum = carry
-        loss, g = value_and_grad(params, frozen, micro, count, rng)
+      def accumulate(carry, micro, rng=jax.random.fold_in(rng, i), group_counts=group_counts):
+        g_sum, loss_sums = carry
+        (_, micro_losses), g = value_and_grad(params, frozen, micro, group_counts, rng)
         g = layout.to_update(g)  # ZeRO-1: reduced into the moments' layout
-        return (jax.tree.map(lambda a, b: a + weight * b, g_sum, g), loss_sum + loss), None
+        return (jax.tree.map(jnp.add, g_sum, g),
+                jax.tree.map(jnp.add, loss_sums, micro_losses)), None
 
       # Micro-batches run one after another under scan: memory of one, gradient of all.
-      (grads, loss), _ = jax.lax.scan(accumulate, (grads, jnp.zeros((), jnp.float32)),
-                                      _microbatches(batch, microbatches))
-      metrics[f"loss/{name}"] = loss
-      metrics[f"loss_tokens/{name}"] = count
-      total_loss = total_loss + weight * loss
+      zero = {n: jnp.zeros((), jnp.float32) for n in names}
+      (grads, group_losses), _ = jax.lax.scan(
+          accumulate, (grads, zero), {n: _microbatches(inputs[n], microbatches) for n in names})
+      losses.update(group_losses)
+    for name in sorted(losses):
+      metrics[f"loss/{name}"] = losses[name]
+      metrics[f"loss_tokens/{name}"] = counts[name]
+    total_loss = sum(weights[n] * losses[n] for n in sorted(losses))
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(total_loss) & jnp.isfinite(grad_norm)
