@@ -308,3 +308,53 @@ def test_the_vision_tower_runs_once_over_every_datasets_images():
     (group,) = program.groups
     return program.lower(group).as_text().count("stablehlo.convolution")
   assert convolutions(program) == convolutions(build(small_config(data=2))) == 1
+
+
+def test_datasets_of_one_lm_shape_run_one_lm():
+  """Two datasets of 16 tokens and one medium (an image; a 2-frame clip) in one update over
+  data 2 × tensor 2: their losses and gradients equal each dataset's alone, and the step's
+  program holds one LM, as with one dataset; a third of 24 tokens has its own."""
+  from flamingo_jax.train import partition, step as step_lib
+  config = small_config(data=2)
+  del config.data["synthetic"]
+  clip = dict(source="random", batch_size=4, weight=0.5, seq_len=16, max_images=1)
+  config.data.image = dict(clip, batch_size=8, weight=1.0)
+  config.data.clip = dict(clip, num_frames=2)
+  program = build(config)
+  shapes = {n: {k: v for k, v in s.items() if k in step_lib.BATCH_KEYS}
+            for n, s in program.batch_shapes.items()}
+  assert step_lib.lm_groups(shapes) == [("clip", "image")]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32),
+                        nn.unbox(program.abstract_params))
+  batches = {n: sources.build(n, config.data[n], seed=0, model_config=program.model.config).batch_at(0)
+             for n in shapes}
+  batches = {n: {k: np.asarray(v) for k, v in b.items() if k in step_lib.BATCH_KEYS}
+             for n, b in batches.items()}
+
+  def losses(trainable, frozen, batches):
+    with nn.logical_axis_rules(program.rules):
+      return step_lib.summed_losses(program.model, partition.merge(trainable, frozen), batches)
+  trainable, frozen = partition.split(params, tuple(config.trainable))
+  together = jax.jacrev(losses)
+  with jax.set_mesh(program.mesh):
+    got = jax.jit(losses)(trainable, frozen, batches)
+    got_grads = jax.jit(together)(trainable, frozen, batches)
+  for n in batches:
+    want = jax.jit(losses)(trainable, frozen, {n: batches[n]})[n]
+    np.testing.assert_allclose(got[n], want, rtol=1e-5)
+    want_grads = jax.jit(together)(trainable, frozen, {n: batches[n]})[n]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 got_grads[n], want_grads)
+
+  def loops(config):
+    program = build(config)
+    (group,) = program.groups
+    return program.lower(group).as_text().count("stablehlo.while")
+  one = small_config(data=2)
+  del one.data["synthetic"]
+  one.data.image = config.data.image
+  assert loops(config) == loops(one)
+  config.data.clip.seq_len = 24  # another shape: an LM of its own
+  assert step_lib.lm_groups({n: s for n, s in build(config).batch_shapes.items()}) == [("clip",), ("image",)]
+  assert loops(config) > loops(one)
