@@ -133,7 +133,7 @@ def data_parallel(module: nn.Module, x: jax.Array, chunk: int = 0) -> jax.Array:
   `tensor` (padded to a multiple of it), under `vision_rules`, so the devices of a tensor
   group encode different images, not the same ones. `chunk` > 0: each device encodes its
   examples `chunk` at a time under a loop (padded to a multiple of it): a TPU convolution
-  compiles longer the more images it holds (NFNet-F6 on v4: 1 a chip 52 s, 44 → 318 s).
+  compiles longer the more images it holds (FlamingoConfig.vision_chunk).
   Without rules or a mesh, or when N does not split over the batch shards, the examples
   are one device's."""
   rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
