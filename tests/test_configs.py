@@ -81,6 +81,7 @@ def _tiny_with(**changes):
     (dict(xattn__heads=4), "xattn.heads"),
     (dict(media_token_id=1000), "media_token_id"),
     (dict(dtype="float8"), "dtype"),
+    (dict(vision_chunk=-1), "vision_chunk"),
 ])
 def test_bad_config_names_the_field(change, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
