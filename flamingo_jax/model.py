@@ -38,9 +38,12 @@ class Flamingo(nn.Module):
     features = jax.lax.stop_gradient(features.reshape((b, m, f) + features.shape[1:]))
     return nn.with_logical_constraint(features, ("act_batch", None, None, "act_len", "act_embed"))
 
-  def encode_media(self, images: jax.Array) -> jax.Array:
-    """images [B, M, F, H, W, C] → visual tokens [B, M, num_latents, D]."""
-    return self.resampler(self.vision_features(images))
+  def encode_media(self, images: jax.Array | None, vision_features=None) -> jax.Array | None:
+    """images [B, M, F, H, W, C] → visual tokens [B, M, num_latents, D] (None without
+    media), from `vision_features` when given (computed beforehand)."""
+    if images is None or images.shape[1] == 0:
+      return None
+    return self.resampler(self.vision_features(images) if vision_features is None else vision_features)
 
   def lm_logits(self, input_ids, attention_mask=None, *, media=None, media_index=None,
                 media_mask=None, positions=None, cached: SelfAttentionInputs | None = None,
@@ -60,11 +63,7 @@ class Flamingo(nn.Module):
     `vision_features`: `vision_features(images)` computed beforehand (the train step runs
     the frozen tower once over every dataset's images); `images` are then only checked."""
     check_inputs(self.config, images, input_ids, attention_mask, media_mask, media_index)
-    media = None
-    if images is not None and images.shape[1] > 0:
-      if vision_features is None:
-        vision_features = self.vision_features(images)
-      media = self.resampler(vision_features)
+    media = self.encode_media(images, vision_features)
     return self.lm_logits(input_ids, attention_mask, media=media, media_index=media_index,
                           media_mask=media_mask, positions=positions, cached=cached,
                           logits_at=logits_at)

@@ -62,9 +62,9 @@ def _lm_inputs(module, batch) -> dict:
   out = dict(input_ids=ids, targets=batch["targets"], loss_mask=batch["loss_mask"],
              attention_mask=batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32)),
              media_index=batch.get("media_index", media_index_from_tokens(ids, c.media_token_id)))
-  if images is not None and images.shape[1] > 0:
-    features = batch.get("vision_features")
-    out["media"] = module.resampler(module.vision_features(images) if features is None else features)
+  media = module.encode_media(images, batch.get("vision_features"))
+  if media is not None:
+    out["media"] = media
     out["media_mask"] = batch.get("media_mask", jnp.ones(images.shape[:2], bool))
   return out
 
