@@ -1,5 +1,7 @@
 """The update step: weighted losses over several datasets, gradients of the trainable
-subtree only, accumulated over datasets and micro-batches, skipped when not finite.
+subtree only, accumulated over datasets and micro-batches, skipped when not finite. The
+frozen vision tower runs once over every dataset's images, and datasets whose LM inputs
+share a shape share one LM call (`lm_groups`): the program holds one LM per shape.
 
 Train state (a plain dict, big_vision style):
   step                 int32   updates attempted (a skipped update still counts)
