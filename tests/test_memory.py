@@ -54,27 +54,35 @@ def test_compiled_step_gathers_no_batch(compiled):
   assert not [g for g in gathered if g.startswith(f"{b},{t},")], gathered
 
 
+def loss_residuals(program, shards: int = 1) -> list:
+  """jax's saved residuals of the loss (as a function of the trainable weights) over the
+  first 1 / `shards` of the batch: [(aval, why)]."""
+  frozen = program.abstract_frozen()
+  trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
+                           program.abstract_state["params"])
+  batch = {k: jax.ShapeDtypeStruct((v.shape[0] // shards,) + v.shape[1:], v.dtype)
+           for k, v in program.batch_shapes["synthetic"].items() if k in step_lib.BATCH_KEYS}
+  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+  return saved_residuals(
+      lambda t: step_lib.summed_loss(program.model, partition.merge(t, zeros(frozen)), zeros(batch)),
+      zeros(trainable))
+
+
+def weight_shapes(tree) -> set:
+  """The shapes of a tree's leaves, and of one scanned layer's slice of each."""
+  shapes = {tuple(x.shape) for x in jax.tree.leaves(tree)}
+  return shapes | {s[1:] for s in shapes}
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_backward_keeps_no_float32_copy_of_frozen_weights(tied):
   """What autodiff saves for the backward (jax's saved residuals of the loss, as a function
   of the trainable weights): activations, and the frozen weights as stored, but no float32
   array of a frozen weight's shape (it had one per scanned LM weight: a float32 copy of
   the frozen LM)."""
-  c = config(tie_embeddings=tied)
-  program = program_lib.from_config(c)
-  model = program.model
-  frozen = program.abstract_frozen()
-  trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
-                           program.abstract_state["params"])
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-           for k, v in program.batch_shapes["synthetic"].items() if k in step_lib.BATCH_KEYS}
-
-  frozen_shapes = {tuple(x.shape) for x in jax.tree.leaves(frozen["lm"]) if x.ndim >= 2}
-  frozen_shapes |= {s[1:] for s in frozen_shapes}  # one scanned layer's slice
-  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-  residuals = saved_residuals(
-      lambda t: step_lib.summed_loss(model, partition.merge(t, zeros(frozen)), zeros(batch)),
-      zeros(trainable))
+  program = program_lib.from_config(config(tie_embeddings=tied))
+  frozen_shapes = weight_shapes([x for x in jax.tree.leaves(program.abstract_frozen()["lm"]) if x.ndim >= 2])
+  residuals = loss_residuals(program)
   copies = [(aval, why) for aval, why in residuals
             if aval.dtype == jnp.float32 and tuple(aval.shape) in frozen_shapes
             and not why.startswith("from the argument")]  # the trainable weights themselves
@@ -95,18 +103,8 @@ def test_compiled_temporaries_are_within_the_arithmetic():
   program = program_lib.from_config(c)
   (group,) = program.groups
   temporaries = program.lower(group).compile().memory_analysis().temp_size_in_bytes
-  shards = 4  # data 2 × fsdp 2
-  batch = {k: jax.ShapeDtypeStruct((v.shape[0] // shards,) + v.shape[1:], v.dtype)
-           for k, v in program.batch_shapes["synthetic"].items() if k in step_lib.BATCH_KEYS}
-  frozen = program.abstract_frozen()
-  trainable = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
-                           program.abstract_state["params"])
-  zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-  residuals = saved_residuals(
-      lambda t: step_lib.summed_loss(program.model, partition.merge(t, zeros(frozen)), zeros(batch)),
-      zeros(trainable))
-  weights = {tuple(x.shape) for x in jax.tree.leaves(frozen)}
-  weights |= {s[1:] for s in weights}  # one scanned layer's slice
+  residuals = loss_residuals(program, shards=4)  # data 2 × fsdp 2
+  weights = weight_shapes(program.abstract_frozen())
   activations = sum(a.size * a.dtype.itemsize for a, why in residuals
                     if not why.startswith("from the argument") and tuple(a.shape) not in weights)
   arguments = program.argument_bytes(group)
