@@ -8,7 +8,9 @@ temporal embedding per frame) are read by `num_latents` learned queries:
 
 Keys and values include the latents themselves (paper §2.1 / OpenFlamingo). There are no
 spatial position encodings, so the output shape does not depend on image resolution or
-frame count. When the vision width differs from the resampler's (`dim`) a linear input
+frame count. The layers are `nn.scan`ned (params `layers/...`, leading axis = layer): the
+train step holds the resampler once per LM call, so its code does not grow with depth.
+When the vision width differs from the resampler's (`dim`) a linear input
 projection comes first. Temporal embeddings learned on `max_frames` frames are linearly interpolated
 when a video has more frames (paper: 8 frames in training, 30 at inference).
 """
@@ -23,6 +25,7 @@ from flamingo_jax.layers.attention import Attention
 from flamingo_jax.layers.linear import Dense
 from flamingo_jax.layers.mlp import MLP
 from flamingo_jax.layers.norms import LayerNorm
+from flamingo_jax.layers.scan import scan
 
 
 def temporal_embeddings(table: jax.Array, num_frames: int) -> jax.Array:
@@ -39,8 +42,8 @@ class ResamplerLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, media: jax.Array, latents: jax.Array) -> jax.Array:
-    """media [N, S, D], latents [N, L, D] → latents [N, L, D]."""
+  def __call__(self, latents: jax.Array, media: jax.Array) -> tuple[jax.Array, None]:
+    """latents [N, L, D] (the scan's carry), media [N, S, D] → (latents [N, L, D], None)."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = LayerNorm(eps=c.ln_eps, name="media_norm", **kw)(media)
@@ -48,7 +51,10 @@ class ResamplerLayer(nn.Module):
     context = jnp.concatenate([x, z], axis=1)
     latents = latents + Attention(c.num_heads, c.head_dim, name="attn", **kw)(z, context)
     h = LayerNorm(eps=c.ln_eps, name="ff_norm", **kw)(latents)
-    return latents + MLP(c.ff_mult * latents.shape[-1], c.activation, name="ff", **kw)(h)
+    latents = latents + MLP(c.ff_mult * latents.shape[-1], c.activation, name="ff", **kw)(h)
+    # Inside the scan the carry's layout is not inferred: without this the partitioner
+    # may replicate the media over the batch shards.
+    return nn.with_logical_constraint(latents, ("act_batch", "act_len", "act_embed")), None
 
 
 class PerceiverResampler(nn.Module):
@@ -75,7 +81,13 @@ class PerceiverResampler(nn.Module):
                          nn.with_logical_partitioning(nn.initializers.normal(1.0), ("latents", "embed")),
                          (c.num_latents, d), self.param_dtype)
     z = jnp.broadcast_to(latents.astype(self.dtype), (b * m, c.num_latents, d))
-    for i in range(c.depth):
-      z = ResamplerLayer(c, name=f"layer_{i}", **kw)(x, z)
+    x, z = (nn.with_logical_constraint(a, ("act_batch", "act_len", "act_embed")) for a in (x, z))
+    # Rematerialised: a scan saves every residual of its body stacked over layers (float32
+    # norms of the media included); recomputing the small layer in the backward costs a
+    # resampler forward and keeps only each layer's latents.
+    layer = nn.remat(ResamplerLayer, prevent_cse=False)
+    layers = scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                  in_axes=nn.broadcast, length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    z, _ = layers(c, name="layers", **kw)(z, x)
     z = LayerNorm(eps=c.ln_eps, name="norm", **kw)(z)
     return z.reshape(b, m, c.num_latents, d)

@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("group_layers", None),
     ("norm", None),
     ("latents", None),
     ("frames", None),

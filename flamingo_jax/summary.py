@@ -6,7 +6,6 @@ Shapes come from `jax.eval_shape` of the model's init, so the 80B config is coun
 laptop. Trainable versus frozen follows the config's `trainable` regexes.
 """
 import json
-import sys
 
 from absl import app, flags
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from flamingo_jax import trainable
-from flamingo_jax.config import FlamingoConfig, ViTConfig
+from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.model import Flamingo
 
 COMPONENTS = ("vision", "resampler", "xattn", "lm", "embeddings")

@@ -49,11 +49,12 @@ def test_prefill_and_extends_equal_the_forward_pass(family, placement):
   err = relative_error(got, want, real)
   assert err <= 1e-5, f"{family}/{placement}: max relative error {err:.2e}"
 
-  # The comparison can fail: the visual tokens and the cache must both matter.
+  # The comparison can fail: the visual tokens and the cache must both matter (other
+  # images move the logits ten times the tolerance at least).
   _, st_other = prefill(params, images=-images, input_ids=ids, attention_mask=mask,
                         logits_at=jnp.broadcast_to(jnp.arange(t0), (b, t0)))
   other, _ = extend(params, st_other, new[:, :1])
-  assert relative_error(np.asarray(other), want[:, t0:t0 + 1]) > 1e-3
+  assert relative_error(np.asarray(other), want[:, t0:t0 + 1]) > 1e-4
 
 
 def test_alibi_bias_is_built_once_per_lm_call(monkeypatch):
@@ -149,8 +150,9 @@ def _while_bodies(hlo: str) -> tuple[dict, set]:
 
 
 def test_decode_loop_writes_the_cache_in_place():
-  """Beam search's compiled loop touches the stacked KV cache [groups, N, K, S, D] only by
-  writing one slot in place: no copy of it per layer, no gather of it to follow beams."""
+  """Beam search's compiled loop touches the stacked KV cache [groups, layers, N, K, S, D]
+  only by writing one slot in place: no copy of it per layer, no gather of it to follow
+  beams."""
   config = make_config("llama", "first")
   model, params = model_and_params(config)
   ids, mask, images = batch(config)
@@ -163,8 +165,9 @@ def test_decode_loop_writes_the_cache_in_place():
   comps, bodies = _while_bodies(hlo)
   c = config.lm
   groups, rows, slots = c.num_layers // config.xattn.every, 2 * beams, ids.shape[1] + new - 1
-  stacked = f"[{groups},{rows},{c.kv_heads or c.num_heads},{slots},{c.dim_per_head}]"
-  one_slot = f"[{groups},{rows},{c.kv_heads or c.num_heads},1,{c.dim_per_head}]"
+  every, heads = config.xattn.every, c.kv_heads or c.num_heads
+  stacked = f"[{groups},{every},{rows},{heads},{slots},{c.dim_per_head}]"
+  one_slot = f"[{groups},{every},{rows},{heads},1,{c.dim_per_head}]"
   writes = 0
   for body in bodies:
     for line in comps[body]:
@@ -179,7 +182,7 @@ def test_decode_loop_writes_the_cache_in_place():
                 if re.match(r"%\S+ = \w+\[", l)}
       assert update and (update.group(1), one_slot) in shapes, f"a full-cache op: {line[:200]}"
       writes += 1
-  assert writes == 2 * config.xattn.every  # one per stacked leaf: key, value of each layer
+  assert writes == 2  # one per stacked leaf: the key and the value of the group's layers
 
 
 def _greedy_program_hlo(model, params, ids, mask, images) -> str:

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 import flamingo_jax
 from flamingo_jax import sharding
 from flamingo_jax.decoding import state as decode_state
+from flamingo_jax.lm.decoder import SCANNED
 from flamingo_jax.train import partition
 from tests.decode_models import batch, make_config, model_and_params
 
@@ -39,20 +40,22 @@ def test_sharded_generation_equals_one_device():
   mesh = sharding.make_mesh(dict(data=4, tensor=2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     sp, ids_s, mask_s, images_s = shard(model, params, mesh, ids, mask, images)
-    assert sp["lm"]["groups"]["layer_0"]["attn"]["query"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    assert sp["lm"]["groups"]["layers"]["attn"]["query"]["kernel"].sharding.spec == P(None, None, "fsdp", "tensor")
     got = flamingo_jax.generate(model, sp, images=images_s, input_ids=ids_s,
                                 attention_mask=mask_s, **kw)
     _, st = jax.jit(functools.partial(decode_state.prefill, model, cache_size=16))(
         sp, images=images_s, input_ids=ids_s, attention_mask=mask_s)
   np.testing.assert_array_equal(got, want)
-  # The caches stay split: [groups, B, K, S, D] and [B, K, S, D] over data and tensor.
+  # The caches stay split over data and tensor: B after one axis per scan (the groups', a
+  # run of layers'): [groups, layers, B, K, S, D], [groups, B, ...] (xattn), [layers, B, ...]
+  # (the tail's layers), [B, ...] (the tail's xattn).
   leaves = jax.tree_util.tree_leaves_with_path((st.cache, st.media_cache))
-  # k and v of: the groups' two layers and block (stacked), the tail's layer and block.
-  assert len(leaves) == 2 * (3 + 2)
+  # k and v of: the groups' layers, the groups' blocks, the tail's layers, the tail's block.
+  assert len(leaves) == 2 * 4
   for path, leaf in leaves:
     spec = tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))
-    scanned = "groups" in jax.tree_util.keystr(path)
-    assert spec[int(scanned)] == "data" and spec[int(scanned) + 1] == "tensor", (path, spec)
+    axis = sum(getattr(key, "key", None) in SCANNED for key in path)
+    assert spec[axis] == "data" and spec[axis + 1] == "tensor", (path, spec)
 
 
 def test_bf16_weights_decode_under_a_mesh():

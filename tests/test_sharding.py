@@ -52,8 +52,8 @@ def test_sharded_forward_equals_single_device():
   abstract = jax.eval_shape(model.init, jax.random.key(1), images, ids)
   shardings = nn.unbox(sharding.param_shardings(abstract, mesh))
   sharded = jax.device_put(params, shardings)
-  kernel = sharded["params"]["lm"]["groups"]["layer_0"]["mlp"]["up"]["kernel"]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  kernel = sharded["params"]["lm"]["groups"]["layers"]["mlp"]["up"]["kernel"]  # [group, layer, in, out]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", "tensor")
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     got = jax.jit(model.apply)(sharded, images, ids)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ import numpy as np
 from flamingo_jax import presets
 from flamingo_jax.config import ConfigError, FlamingoConfig
 from flamingo_jax.convert.state_dict import CheckpointMismatchError, StateDict, check_tree, load
+from flamingo_jax.layers.scan import stack_trees
 from flamingo_jax.lm.token_rows import rows_from_lm
 
 # OpenFlamingo's factory: `<|endofchunk|>` and `<image>` as additional special tokens, and
@@ -159,16 +160,18 @@ def convert_resampler(sd: StateDict, config: FlamingoConfig, prefix: str = "perc
   r, d = config.resampler, config.vision.out_dim
   inner = r.num_heads * r.head_dim
   out = {"latents": _f32(sd.take(prefix + "latents", (r.num_latents, d)))}
+  layers = []
   for i in range(r.depth):
     p = f"{prefix}layers.{i}."
     key, value = _kv(sd, p + "0.to_kv", d, inner)
     ff_norm, ff = _feed_forward(sd, p + "1", d, r.ff_mult)
-    out[f"layer_{i}"] = {
+    layers.append({
         "media_norm": _layer_norm(sd, p + "0.norm_media", d),
         "latents_norm": _layer_norm(sd, p + "0.norm_latents", d),
         "attn": {"query": _linear(sd, p + "0.to_q", d, inner), "key": key, "value": value,
                  "out": _linear(sd, p + "0.to_out", inner, d)},
-        "ff_norm": ff_norm, "ff": ff}
+        "ff_norm": ff_norm, "ff": ff})
+  out["layers"] = stack_trees(layers)
   out["norm"] = _layer_norm(sd, prefix + "norm", d)
   return out
 

@@ -14,11 +14,11 @@ import pickle
 import re
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
 from flamingo_jax.config import NFNetConfig, ViTConfig
 from flamingo_jax.convert.state_dict import StateDict, load
+from flamingo_jax.layers.scan import stack_trees
 
 
 def _state_dict(tensors, source: str) -> StateDict:
@@ -32,10 +32,6 @@ def _numpy(v):
     v = v.detach().cpu()
     return (v.float() if v.dtype.is_floating_point else v).numpy()
   return v
-
-
-def _stack(trees: list[dict]) -> dict:
-  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
 
 def _linear(sd: StateDict, key: str, d_in: int, d_out: int, bias: bool = True) -> dict:
@@ -153,7 +149,7 @@ def vit_params_from_open_clip(tensors, config: ViTConfig, *, prefix: str | None 
         "mlp": {"up": _linear(sd, f"{b}.mlp.c_fc", w, c.mlp_dim),
                 "down": _linear(sd, f"{b}.mlp.c_proj", c.mlp_dim, w)},
     })
-  params["blocks"] = _stack(blocks)
+  params["blocks"] = stack_trees(blocks)
   if c.final_ln_on_tokens:
     params["ln_post"] = _norm(sd, f"{prefix}ln_post", w)
   else:
@@ -221,7 +217,7 @@ def vit_params_from_hf(tensors, config: ViTConfig, *, prefix: str = "vision_mode
         "mlp": {"up": _linear(sd, f"{b}.mlp.fc1", w, c.mlp_dim),
                 "down": _linear(sd, f"{b}.mlp.fc2", c.mlp_dim, w)},
     })
-  params["blocks"] = _stack(blocks)
+  params["blocks"] = stack_trees(blocks)
   if c.final_ln_on_tokens:
     params["ln_post"] = _norm(sd, f"{prefix}post_layernorm", w)
   else:
@@ -297,7 +293,7 @@ def _nfnet_tree(config: NFNetConfig, conv, dense, scalar) -> dict:
       trees.append(tree)
     stage = {"block_0": trees[0]}
     if len(trees) > 1:
-      stage["blocks"] = _stack(trees[1:])
+      stage["blocks"] = stack_trees(trees[1:])
     params[f"stage_{si}"] = stage
   params["final_conv"] = conv("final_conv", 1, config.widths[-1], config.out_dim)
   return params

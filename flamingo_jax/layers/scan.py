@@ -8,13 +8,22 @@ import contextlib
 import contextvars
 
 import flax.linen as nn
+import jax
+import numpy as np
 
 _UNROLL = contextvars.ContextVar("unroll_scans", default=False)
 
 
-def scan(target, *, length: int, **kwargs):
-  """`nn.scan(target, length=length, **kwargs)`, fully unrolled inside `unrolled()`."""
-  return nn.scan(target, length=length, unroll=length if _UNROLL.get() else 1, **kwargs)
+def scan(target, *, length: int, unroll: bool = False, **kwargs):
+  """`nn.scan(target, length=length, **kwargs)`, fully unrolled when `unroll` or inside
+  `unrolled()` (the params stay stacked either way)."""
+  return nn.scan(target, length=length, unroll=length if unroll or _UNROLL.get() else 1, **kwargs)
+
+
+def stack_trees(trees: list) -> dict:
+  """Per-layer param trees (numpy) → the scan's layout: each leaf stacked on a leading
+  layer axis (what weight conversion hands to a `scan`ned module)."""
+  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
 
 
 @contextlib.contextmanager

@@ -2,26 +2,28 @@
 
 Layers are grouped in runs of `xattn.every`; a group holds its LM layers and (at most)
 one xattn block, placed before the group's first layer (paper) or last layer
-(OpenFlamingo). Groups are `nn.scan`ned, so compile time does not grow with depth. When
-`num_layers` is not a multiple of `every` (the paper's 80B: 80 layers, every 7th) the
-remaining layers form one unscanned tail group.
+(OpenFlamingo). Groups are `nn.scan`ned, and so are the LM layers inside a group (the
+layers before the block and those from it on, one scan each), so the program holds one
+LM layer's code whatever the depth. When `num_layers` is not a multiple of `every` (the
+paper's 80B: 80 layers, every 7th) the remaining layers form one unscanned tail group.
 
 Parameter layout (what `stack_layers` builds from per-layer trees):
   embed/embedding, final_norm/..., lm_head/kernel (untied only),
   new_tokens/{embedding, head} (only with `trainable_token_ids`; see token_rows.py),
-  groups/layer_{k}/...   leading axis = group index   (HF layer g * every + k)
-  groups/xattn/...       leading axis = group index
-  tail/layer_{k}/..., tail/xattn/...                  (only when a tail exists)
-With `scan_layers=False` (decoding) `groups` is replaced by group_{g}/layer_{k}/... and
-group_{g}/xattn/..., one unstacked tree per group (`unstack_groups`).
+  groups/layers_before/...  leading axes = group, layer k < the block's offset (OpenFlamingo's placement)
+  groups/layers/...         leading axes = group, layer k - offset for the layers from the block on
+  groups/xattn/...          leading axis = group index
+  tail/layers_before/..., tail/layers/..., tail/xattn/...   (only when a tail exists; no group axis)
+HF layer g * every + k is group g's layer k. With `scan_layers=False` (decoding) every
+scan is unrolled: group_{g}/layer_{k}/..., group_{g}/xattn/..., tail/layer_{k}/...
+(`unstack_groups`).
 """
 import dataclasses
-from typing import Any
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flamingo_jax import lm as lm_families
 from flamingo_jax.config import FlamingoConfig
@@ -29,7 +31,7 @@ from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_m
 from flamingo_jax.layers.attention import CACHE, CACHE_UPDATE, MEDIA_CACHE, SelfAttentionInputs
 from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense, Embed
 from flamingo_jax.lm.token_rows import NewTokenRows
-from flamingo_jax.layers.scan import scan
+from flamingo_jax.layers.scan import scan, stack_trees
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -53,11 +55,6 @@ class Layout:
   def num_xattn(self) -> int:
     return self.num_groups + int(self.tail_has_xattn)
 
-  def layer_slot(self, i: int) -> tuple[str, int | None, int]:
-    """LM layer i → (container 'groups' | 'tail', index along the scan axis, k in layer_k)."""
-    g, k = divmod(i, self.group_size)
-    return ("groups", g, k) if g < self.num_groups else ("tail", None, k)
-
   def xattn_layers(self) -> list[int]:
     """The LM layer index each xattn block precedes, in block order."""
     return [g * self.group_size + self.xattn_offset for g in range(self.num_xattn)]
@@ -69,6 +66,17 @@ def layout(config: FlamingoConfig) -> Layout:
   return Layout(group_size=every, num_groups=n // every, tail_size=n % every, xattn_offset=offset)
 
 
+SCANNED = ("groups", "layers_before", "layers")  # the containers `scan` stacks
+
+
+def _runs(size: int, offset: int) -> tuple[tuple[str, range], ...]:
+  """A group's (or the tail's) scanned runs of LM layers: those before the xattn block's
+  offset, and those from it on."""
+  split = min(offset, size)
+  return tuple((name, r) for name, r in (("layers_before", range(split)), ("layers", range(split, size)))
+               if len(r))
+
+
 def stack_layers(config: FlamingoConfig, layers: list[dict], xattn: list[dict] | None) -> dict:
   """Per-layer param trees (HF order) → the `groups` / `tail` trees of `DecoderLM`."""
   lay = layout(config)
@@ -77,51 +85,87 @@ def stack_layers(config: FlamingoConfig, layers: list[dict], xattn: list[dict] |
   if xattn is not None and len(xattn) != lay.num_xattn:
     raise ValueError(f"got {len(xattn)} xattn blocks, the layout has {lay.num_xattn} "
                      f"(xattn.every={config.xattn.every}, placement={config.xattn.placement!r})")
-  stack = lambda trees: jax.tree.map(lambda *xs: np.stack(xs), *trees)
   out = {}
   if lay.num_groups:
-    groups = {f"layer_{k}": stack(layers[k:lay.num_groups * lay.group_size:lay.group_size])
-              for k in range(lay.group_size)}
+    group = lambda g: {name: stack_trees([layers[g * lay.group_size + k] for k in r])
+                       for name, r in _runs(lay.group_size, lay.xattn_offset)}
+    out["groups"] = stack_trees([group(g) for g in range(lay.num_groups)])
     if xattn is not None:
-      groups["xattn"] = stack(xattn[:lay.num_groups])
-    out["groups"] = groups
+      out["groups"]["xattn"] = stack_trees(xattn[:lay.num_groups])
   if lay.tail_size:
     start = lay.num_groups * lay.group_size
-    tail = {f"layer_{k}": layers[start + k] for k in range(lay.tail_size)}
+    out["tail"] = {name: stack_trees([layers[start + k] for k in r])
+                   for name, r in _runs(lay.tail_size, lay.xattn_offset)}
     if xattn is not None and lay.tail_has_xattn:
-      tail["xattn"] = xattn[-1]
-    out["tail"] = tail
+      out["tail"]["xattn"] = xattn[-1]
+  return out
+
+
+def _unstack_runs(group: dict) -> dict:
+  """One group's scanned runs (leading axis = layer) → its layers as `layer_{k}`."""
+  out = {k: v for k, v in group.items() if k not in SCANNED}
+  runs = [group[name] for name in SCANNED[1:] if name in group]
+  per_layer = [jax.tree.map(lambda x, i=i: x[i], run)
+               for run in runs for i in range(jax.tree.leaves(run)[0].shape[0])]
+  out.update({f"layer_{k}": tree for k, tree in enumerate(per_layer)})
   return out
 
 
 def unstack_groups(lm_params: dict) -> dict:
-  """The LM's params in the scanned layout (`groups`, leading axis = group) → the layout of
-  `scan_layers=False` (`group_0`, `group_1`, ...)."""
+  """The LM's params in the scanned layout (`groups`, leading axis = group; each group's
+  and the tail's layers in scanned runs) → the layout of `scan_layers=False`
+  (`group_0/layer_0`, ..., `tail/layer_0`, ...)."""
   params = dict(lm_params)
   if "groups" in params:
     groups = params.pop("groups")
     n = jax.tree.leaves(groups)[0].shape[0]
-    params.update({f"group_{g}": jax.tree.map(lambda x: x[g], groups) for g in range(n)})
+    params.update({f"group_{g}": _unstack_runs(jax.tree.map(lambda x: x[g], groups)) for g in range(n)})
+  if "tail" in params:
+    params["tail"] = _unstack_runs(params["tail"])
   return params
 
 
+@functools.cache
+def _scan_body(layer_cls: type) -> type:
+  """The LM family's Layer with scan's (carry, broadcast inputs) signature."""
+  class ScannedLayer(layer_cls):
+    def __call__(self, x, attn):
+      x = super().__call__(x, attn=attn)
+      return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed")), None
+  return ScannedLayer
+
+
 class LayerGroup(nn.Module):
-  """`size` LM layers, with an xattn block before layer `xattn_at` (None: no block)."""
+  """`size` LM layers, with an xattn block (`with_xattn`, and when the group reaches it)
+  before layer `layout(config).xattn_offset`; the layers before and after it are scans
+  (`scan_layers`) or `layer_{k}`."""
   config: FlamingoConfig
   size: int
-  xattn_at: int | None
+  with_xattn: bool = True
+  # Decode steps unroll the runs: a scan inside the groups' scan would slice each group's
+  # run of KV caches out and write it back whole at every step (XLA cannot update a
+  # nested slice in place); unrolled, each layer writes its one cache slot in place.
+  decoding: bool = False
 
   @nn.compact
   def __call__(self, x, media, xattn_mask, has_media, attn: SelfAttentionInputs):
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
     Layer = lm_families.family(c.lm.family).Layer
-    for k in range(self.size):
-      if k == self.xattn_at:
+    offset = layout(c).xattn_offset
+    for name, run in _runs(self.size, offset):
+      if run.start == offset and self.with_xattn:
         x = GatedCrossAttentionBlock(c.xattn, name="xattn", **kw)(
             x, media, mask=xattn_mask, has_media=has_media)
-      x = Layer(c.lm, name=f"layer_{k}", **kw)(x, attn=attn)
-      x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+      if c.scan_layers:
+        layers = scan(_scan_body(Layer), variable_axes={"params": 0, CACHE: 0, CACHE_UPDATE: 0},
+                      split_rngs={"params": True}, in_axes=nn.broadcast, length=len(run),
+                      unroll=self.decoding, metadata_params={nn.PARTITION_NAME: "group_layers"})
+        x, _ = layers(c.lm, name=name, **kw)(x, attn)
+      else:
+        for k in run:
+          x = Layer(c.lm, name=f"layer_{k}", **kw)(x, attn=attn)
+          x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     return x, None
 
 
@@ -185,22 +229,20 @@ class DecoderLM(nn.Module):
       media = media.reshape(b, -1, media.shape[-1])
     args = (media, xattn_mask, has_media, attn)
 
-    lay = layout(c)
-    xattn_at = lay.xattn_offset if self.with_xattn else None
+    lay, decoding = layout(c), cached is not None
     group = LayerGroup
-    if c.remat_policy != "none" and cached is None:
+    if c.remat_policy != "none" and not decoding:
       group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
     if lay.num_groups and not c.scan_layers:
       for g in range(lay.num_groups):
-        x, _ = group(c, lay.group_size, xattn_at, name=f"group_{g}")(x, *args)
+        x, _ = group(c, lay.group_size, self.with_xattn, decoding, name=f"group_{g}")(x, *args)
     elif lay.num_groups:
       scanned = scan(group, variable_axes={"params": 0, CACHE: 0, CACHE_UPDATE: 0, MEDIA_CACHE: 0},
                      split_rngs={"params": True}, in_axes=(nn.broadcast,) * len(args),
                      length=lay.num_groups, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(c, lay.group_size, xattn_at, name="groups")(x, *args)
+      x, _ = scanned(c, lay.group_size, self.with_xattn, decoding, name="groups")(x, *args)
     if lay.tail_size:
-      tail_xattn = xattn_at if lay.tail_has_xattn else None
-      x, _ = LayerGroup(c, lay.tail_size, tail_xattn, name="tail")(x, *args)
+      x, _ = LayerGroup(c, lay.tail_size, self.with_xattn, decoding, name="tail")(x, *args)
 
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
@@ -216,8 +258,9 @@ class DecoderLM(nn.Module):
 
 def reorder_cache(cache, rows: jax.Array):
   """Gathers batch rows of a decode cache (a `"cache"` or `"media_cache"` collection of
-  `DecoderLM`): the scanned groups' leaves are [groups, B, ...], the tail's [B, ...]."""
+  `DecoderLM`): a leaf's batch axis follows one axis per scan it sits in (`groups`, a
+  run of layers)."""
   def take(path, leaf):
-    scanned = any(getattr(key, "key", None) == "groups" for key in path)
-    return jnp.take(leaf, rows, axis=1 if scanned else 0)
+    axis = sum(getattr(key, "key", None) in SCANNED for key in path)
+    return jnp.take(leaf, rows, axis=axis)
   return jax.tree_util.tree_map_with_path(take, cache)

@@ -16,7 +16,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flamingo_jax import trainable as trainable_rule
 from flamingo_jax.layers.scan import unrolled
