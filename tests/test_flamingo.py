@@ -1,4 +1,6 @@
 """Flamingo end to end on the tiny config: gates, image-causal masking, text-only, bad input."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -176,6 +178,24 @@ def test_remat_matches(model_params):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
   # Vision features are stop-gradient: the frozen tower gets exactly zero gradient.
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g1["vision"]))
+
+
+def test_the_gradient_program_holds_one_layer_of_each_scan():
+  """The LM's groups, the LM layers inside a group (OpenFlamingo's placement: the runs
+  before and from the xattn block) and the resampler's layers are scans: the compiled
+  training gradient holds as many matmuls at twice every depth (unrolled, each layer would
+  be its own: checked by mutation)."""
+  placement = "last"
+  def dots(num_layers, every, depth):
+    model = load_config("tiny").model.to_dict()
+    model["lm"]["num_layers"], model["resampler"]["depth"] = num_layers, depth
+    model["xattn"].update(every=every, placement=placement)
+    flamingo = Flamingo(FlamingoConfig.from_dict(model))
+    params = jax.eval_shape(flamingo.init, jax.random.key(1), images(), INPUT_IDS, ATTENTION_MASK)
+    loss = lambda p: flamingo.apply(p, images(), INPUT_IDS, ATTENTION_MASK).mean()
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()  # calls inlined
+    return len(re.findall(r" dot\(", hlo))
+  assert dots(num_layers=4, every=2, depth=2) == dots(num_layers=8, every=4, depth=4)
 
 
 def test_bfloat16_matches_float32(model_params):
