@@ -97,7 +97,7 @@ def test_compiled_step_computes_no_frozen_weight_gradient():
   kernels = frozen_kernels(config)
   assert any("/mlp/" in k for k in kernels) and any(k.startswith("vision/") for k in kernels)
   assert weight_gradient_matmuls(config, kernels) == []
-  config.trainable = tuple(config.trainable) + (r"lm/groups/layer_\d+/mlp/.*",)
+  config.trainable = tuple(config.trainable) + (r"lm/groups/layers/mlp/.*",)
   found = weight_gradient_matmuls(config, kernels)
   assert found and all("/mlp/" in k for k in found), found
 
