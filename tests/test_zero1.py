@@ -360,4 +360,6 @@ def test_datasets_of_one_lm_shape_run_one_lm():
   assert shared == loops(one) + 2
   config.data.clip.seq_len = 24  # another shape: an LM of its own
   assert step_lib.lm_groups({n: s for n, s in build(config).batch_shapes.items()}) == [("clip",), ("image",)]
-  assert loops(config) == shared + 3  # its micro-batch loop, its LM's forward and backward
+  # Its micro-batch loop, its LM's forward and backward: each over the groups and, inside,
+  # over a group's layers.
+  assert loops(config) == shared + 5
