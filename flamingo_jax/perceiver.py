@@ -8,8 +8,8 @@ temporal embedding per frame) are read by `num_latents` learned queries:
 
 Keys and values include the latents themselves (paper §2.1 / OpenFlamingo). There are no
 spatial position encodings, so the output shape does not depend on image resolution or
-frame count. The layers are `nn.scan`ned (params `layers/...`, leading axis = layer): the
-train step holds the resampler once per LM call, so its code does not grow with depth.
+frame count. The layers are `nn.scan`ned (params `layers/...`, leading axis = layer), so
+the compiled program holds one layer's code whatever the depth.
 When the vision width differs from the resampler's (`dim`) a linear input
 projection comes first. Temporal embeddings learned on `max_frames` frames are linearly interpolated
 when a video has more frames (paper: 8 frames in training, 30 at inference).
@@ -52,8 +52,7 @@ class ResamplerLayer(nn.Module):
     latents = latents + Attention(c.num_heads, c.head_dim, name="attn", **kw)(z, context)
     h = LayerNorm(eps=c.ln_eps, name="ff_norm", **kw)(latents)
     latents = latents + MLP(c.ff_mult * latents.shape[-1], c.activation, name="ff", **kw)(h)
-    # Inside the scan the carry's layout is not inferred: without this the partitioner
-    # may replicate the media over the batch shards.
+    # The carry keeps the batch-sharded layout across layers, as the LM's layers do.
     return nn.with_logical_constraint(latents, ("act_batch", "act_len", "act_embed")), None
 
 
