@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import flamingo_jax
 from flamingo_jax import sharding
 from flamingo_jax.decoding import state as decode_state
-from flamingo_jax.lm.decoder import SCANNED
+from flamingo_jax.lm.decoder import cache_batch_axis
 from flamingo_jax.train import partition
 from tests.decode_models import batch, make_config, model_and_params
 
@@ -54,7 +54,7 @@ def test_sharded_generation_equals_one_device():
   assert len(leaves) == 2 * 4
   for path, leaf in leaves:
     spec = tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))
-    axis = sum(getattr(key, "key", None) in SCANNED for key in path)
+    axis = cache_batch_axis(path)
     assert spec[axis] == "data" and spec[axis + 1] == "tensor", (path, spec)
 
 

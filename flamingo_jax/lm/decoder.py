@@ -256,11 +256,13 @@ class DecoderLM(nn.Module):
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
 
 
+def cache_batch_axis(path) -> int:
+  """The batch axis of a decode-cache leaf at `path` (a `"cache"` or `"media_cache"`
+  collection of `DecoderLM`): after one axis per scan it sits in (`groups`, a run of layers)."""
+  return sum(getattr(key, "key", None) in SCANNED for key in path)
+
+
 def reorder_cache(cache, rows: jax.Array):
-  """Gathers batch rows of a decode cache (a `"cache"` or `"media_cache"` collection of
-  `DecoderLM`): a leaf's batch axis follows one axis per scan it sits in (`groups`, a
-  run of layers)."""
-  def take(path, leaf):
-    axis = sum(getattr(key, "key", None) in SCANNED for key in path)
-    return jnp.take(leaf, rows, axis=axis)
+  """Gathers batch rows of a decode cache."""
+  take = lambda path, leaf: jnp.take(leaf, rows, axis=cache_batch_axis(path))
   return jax.tree_util.tree_map_with_path(take, cache)
