@@ -99,6 +99,7 @@ def versions() -> dict:
 def run(a, tasks: dict) -> dict:
   import jax
 
+  from flamingo_jax import multihost
   from flamingo_jax.evaluation import report, runner
   from flamingo_jax.evaluation.tasks.base import TaskData
   from flamingo_jax.load_model import load_model, train_config
@@ -106,9 +107,8 @@ def run(a, tasks: dict) -> dict:
   from flamingo_jax.train.checkpoint import fingerprint
 
   if a.coordinator_address or a.num_processes:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(a.coordinator_address, a.num_processes or None,
-                               None if a.process_id < 0 else a.process_id)
+    multihost.initialize(a.coordinator_address, a.num_processes or None,
+                         None if a.process_id < 0 else a.process_id)
   process, processes = jax.process_index(), jax.process_count()
   selected = [tasks[t] for t in a.tasks]
   model, params, tokenizer, preprocess = load_model(

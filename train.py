@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from flamingo_jax import cli, sharding
+from flamingo_jax import cli, multihost, sharding
 from flamingo_jax.config import ConfigError, FlamingoConfig
 from flamingo_jax.data import loader, sources
 from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, partition
@@ -110,9 +110,8 @@ def train(config, workdir: str, devices=None) -> dict:
   model_config = check(config)
   if config.distributed.enabled:
     d = config.distributed
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU clusters only
-    jax.distributed.initialize(d.coordinator_address or None, d.num_processes or None,
-                               None if d.process_id < 0 else d.process_id)
+    multihost.initialize(d.coordinator_address or None, d.num_processes or None,
+                         None if d.process_id < 0 else d.process_id)
   process, processes = jax.process_index(), jax.process_count()
   say = (lambda line: print(line, flush=True)) if process == 0 else (lambda line: None)
   workdir = epath.Path(workdir)
@@ -163,7 +162,7 @@ def train(config, workdir: str, devices=None) -> dict:
       it.set_state(data_state[name])
     say(f"resumed from the checkpoint at step {latest}")
 
-  groups, steps = program.groups, program.steps
+  groups = program.groups
   peak = config.peak_flops_per_device or flops.peak_flops_per_device()
   step_flops = {g: program.step_flops(g) for g in groups}
   examples_per_step = {g: sum(config.data[n].batch_size for n in g) for g in step_flops}
@@ -175,6 +174,10 @@ def train(config, workdir: str, devices=None) -> dict:
   stop = StopSignals(say)
   if start_step < config.total_steps:
     say(f"step {start_step} of {config.total_steps}: compiling the train step...")
+    compile_start = time.perf_counter()
+    steps = {g: program.lower(g).compile() for g in groups}  # before any step runs:
+    multihost.barrier("train_steps_compiled")  # processes start stepping together
+    say(f"compiled in {time.perf_counter() - compile_start:.1f} s")
   window_start, window_steps, tokens, window, counts = time.perf_counter(), 0, 0.0, None, {}
   loop_start = first_done = progress_at = window_start  # first_done: after the first step
   preempted = False
@@ -218,8 +221,7 @@ def train(config, workdir: str, devices=None) -> dict:
       now = time.perf_counter()
       if step == start_step:
         first_done = progress_at = now
-        say(f"step {done} of {config.total_steps}: the first step (with its compile) took "
-            f"{now - loop_start:.1f} s")
+        say(f"step {done} of {config.total_steps}: the first step took {now - loop_start:.1f} s")
       elif now - progress_at >= PROGRESS_EVERY_S or done == config.total_steps:
         progress_at = now
         rate = (done - start_step - 1) / max(now - first_done, 1e-9)

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from flamingo_jax import multihost
 from flamingo_jax.evaluation import demonstrations as demos_lib
 from flamingo_jax.evaluation import prompts as prompts_lib
 from flamingo_jax.evaluation.tasks import synthetic as synthetic_task
@@ -159,7 +160,7 @@ def run_cell(ctx: Context, task: Task, data: TaskData, prepared: dict, shots: in
       f.flush()
       if progress is not None:
         progress.update(len(chunk))
-  barrier(ctx, f"{name}-predicted")
+  multihost.barrier(f"{name}-predicted")
   if ctx.process_index != 0:
     return None
   records = _join(folder, name, indices)
@@ -209,12 +210,6 @@ def _join(folder: str, name: str, indices) -> list[dict]:
     raise EvaluationError(f"{name}: no prediction for {len(missing)} test examples (first: "
                           f"index {missing[0]}); a process stopped early? re-run to finish")
   return [by_index[int(i)] for i in indices]
-
-
-def barrier(ctx: Context, name: str) -> None:
-  if ctx.process_count > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 # --- task preparation (once per task, shared by its cells) -----------------------------------
