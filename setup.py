@@ -48,7 +48,7 @@ GCS = ["gcsfs"]
 TPU = ["jax[tpu]==0.10.2"] + GCS
 CUDA = ["jax[cuda12]==0.10.2"]
 TEST = TORCH + EVAL + LIBTPU + [
-    "pytest==9.0.3", "einops==0.8.2",
+    "pytest==9.0.3", "pytest-xdist==3.8.0", "einops==0.8.2",
     "einops-exts==0.0.4", "ftfy==6.3.1", "sentencepiece==0.2.3", "regex"]
 
 setup(
