@@ -46,15 +46,15 @@ class Flamingo(nn.Module):
     return self.resampler(self.vision_features(images) if vision_features is None else vision_features)
 
   def lm_logits(self, input_ids, attention_mask=None, *, media=None, media_index=None,
-                media_mask=None, positions=None, cached: SelfAttentionInputs | None = None,
-                logits_at=None) -> jax.Array:
+                media_mask=None, positions=None, segments=None,
+                cached: SelfAttentionInputs | None = None, logits_at=None) -> jax.Array:
     """Logits [B, T or K, vocab] given resampled `media` [B, M, L, D] (None: text only, or
-    decoding after the prompt); `cached` and `logits_at` as in `DecoderLM`."""
+    decoding after the prompt); `segments`, `cached` and `logits_at` as in `DecoderLM`."""
     if media_index is None:
       media_index = media_index_from_tokens(input_ids, self.config.media_token_id)
     return self.lm(input_ids, attention_mask, media=media, media_index=media_index,
-                   media_mask=media_mask, positions=positions, cached=cached,
-                   logits_at=logits_at)
+                   media_mask=media_mask, positions=positions, segments=segments,
+                   cached=cached, logits_at=logits_at)
 
   def __call__(self, images, input_ids, attention_mask=None, *, media_mask=None,
                media_index=None, positions=None, cached: SelfAttentionInputs | None = None,

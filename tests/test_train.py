@@ -354,10 +354,13 @@ def test_init_creates_frozen_weights_in_frozen_dtype():
 
 
 def test_microbatches_stay_sharded():
-  """Splitting a data-sharded batch into micro-batches moves no rows between devices: the
-  compiled step has no all-gather (it had 21 when micro-batch j was rows j·B/n ...)."""
+  """Splitting a data-sharded batch into micro-batches, and packing two datasets' rows of
+  other lengths into one LM call, move no rows between devices: the compiled step has no
+  all-gather (it had 21 when micro-batch j was rows j·B/n ...)."""
   config = tiny_config(microbatches=2, **{"data.synthetic.batch_size": 16})  # 2 rows a device
+  config.data.short = dict(source="random", batch_size=48, weight=0.5, seq_len=5, max_images=1)
   program = program_for(config)
+  assert {s["input_ids"].shape[1] for s in program.batch_shapes.values()} == {5, 15}  # 3 rows of 5 a packed row
   hlo = program.lower(program.groups[0]).compile().as_text()
   assert program.mesh.shape["data"] == 8 and "all-gather" not in hlo
 

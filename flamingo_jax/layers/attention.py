@@ -50,10 +50,14 @@ class SelfAttentionInputs:
   bias: jax.Array | None = None
 
   @classmethod
-  def causal(cls, attention_mask: jax.Array, positions: jax.Array) -> "SelfAttentionInputs":
-    """T tokens [B, T] with no cache: causal, padding keys (mask 0) hidden."""
+  def causal(cls, attention_mask: jax.Array, positions: jax.Array,
+             segments: jax.Array | None = None) -> "SelfAttentionInputs":
+    """T tokens [B, T] with no cache: causal, padding keys (mask 0) hidden; with
+    `segments` [B, T] (packed rows), a token sees only its own segment's."""
     t = attention_mask.shape[1]
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask.astype(bool)[:, None, :]
+    if segments is not None:
+      mask &= segments[:, :, None] == segments[:, None, :]
     return cls(mask=mask, positions=positions, key_positions=positions)
 
 

@@ -178,10 +178,11 @@ class DecoderLM(nn.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                media: jax.Array | None = None, media_index: jax.Array | None = None,
                media_mask: jax.Array | None = None, positions: jax.Array | None = None,
-               cached: SelfAttentionInputs | None = None,
+               segments: jax.Array | None = None, cached: SelfAttentionInputs | None = None,
                logits_at: jax.Array | None = None) -> jax.Array:
     """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = pad); media [B, M, N, Dv]
-    (resampled visual tokens); media_index [B, T] (-1 = none); media_mask [B, M].
+    (resampled visual tokens); media_index [B, T] (-1 = none); media_mask [B, M];
+    segments [B, T]: packed rows (train/packing.py), a token attends within its segment.
 
     Decoding (`cached` given, attention_mask and positions unused): the tokens see the KV
     cache's slots and each other as `cached.mask` allows, and their keys / values go to
@@ -208,7 +209,7 @@ class DecoderLM(nn.Module):
         attention_mask = jnp.ones((b, t), bool)
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-      attn = SelfAttentionInputs.causal(attention_mask, positions)
+      attn = SelfAttentionInputs.causal(attention_mask, positions, segments)
     else:
       attn = cached
     family = lm_families.family(c.lm.family)

@@ -1,7 +1,8 @@
 """The update step: weighted losses over several datasets, gradients of the trainable
 subtree only, accumulated over datasets and micro-batches, skipped when not finite. The
-frozen vision tower runs once over every dataset's images, and datasets whose LM inputs
-share a shape share one LM call (`lm_groups`): the program holds one LM per shape.
+frozen vision tower runs once over every dataset's images, the resampler once per frame
+count, and the LM once over every dataset's rows packed to one length (packing.py): the
+program holds one of each, however many datasets.
 
 Train state (a plain dict, big_vision style):
   step                 int32   updates attempted (a skipped update still counts)
@@ -24,7 +25,7 @@ import optax
 
 from flamingo_jax import sharding
 from flamingo_jax.inputs import check_inputs, media_index_from_tokens
-from flamingo_jax.train import partition
+from flamingo_jax.train import packing, partition
 from flamingo_jax.train.update_layout import UpdateLayout
 
 BATCH_KEYS = ("images", "vision_features", "media_mask", "input_ids", "attention_mask",
@@ -43,54 +44,61 @@ def summed_loss(model, params, batch: Mapping[str, jax.Array], rng=None) -> jax.
   return summed_losses(model, params, {"": batch}, rng)[""]
 
 
-def lm_groups(batches: Mapping[str, Mapping[str, jax.Array]]) -> list[tuple[str, ...]]:
-  """The datasets whose LM inputs have one shape (text length, media slots), in name order:
-  `summed_losses` runs each group's LM as one call (ALIGN's and VTP's 32 tokens and one
-  medium, whatever their frames), so the program holds one LM per shape, not per dataset."""
-  groups = {}
-  for name, batch in sorted(batches.items()):
-    images = batch.get("images")
-    slots = 0 if images is None else images.shape[1]
-    groups.setdefault((batch["input_ids"].shape[1], slots), []).append(name)
-  return [tuple(names) for names in groups.values()]
-
-
-def _lm_inputs(module, batch) -> dict:
-  """One dataset's LM inputs, defaults spelt out (so datasets stack), media resampled."""
-  c = module.config
+def _lm_inputs(config, batch) -> dict:
+  """One dataset's token inputs and media mask, defaults spelt out (so datasets pack)."""
   images, ids = batch.get("images"), batch["input_ids"]
-  check_inputs(c, images, ids, batch.get("attention_mask"), batch.get("media_mask"),
+  check_inputs(config, images, ids, batch.get("attention_mask"), batch.get("media_mask"),
                batch.get("media_index"))
   out = dict(input_ids=ids, targets=batch["targets"], loss_mask=batch["loss_mask"],
              attention_mask=batch.get("attention_mask", jnp.ones(ids.shape, jnp.int32)),
-             media_index=batch.get("media_index", media_index_from_tokens(ids, c.media_token_id)))
-  media = module.encode_media(images, batch.get("vision_features"))
-  if media is not None:
-    out["media"] = media
+             media_index=batch.get("media_index", media_index_from_tokens(ids, config.media_token_id)))
+  if images is not None and images.shape[1]:
     out["media_mask"] = batch.get("media_mask", jnp.ones(images.shape[:2], bool))
+  return out
+
+
+def _resampled(module, batches, shards: int) -> dict:
+  """Dataset → its media's visual tokens [B, M, L, D] (datasets with media): one resampler
+  call per vision-feature shape (frames, tokens), each batch shard's media of every
+  dataset side by side."""
+  features = {}
+  for name, batch in sorted(batches.items()):
+    images = batch.get("images")
+    if images is not None and images.shape[1]:
+      f = batch.get("vision_features")
+      features[name] = module.vision_features(images) if f is None else f
+  groups = {}
+  for name, f in features.items():
+    groups.setdefault((f.shape[2:], f.dtype), []).append(name)
+  out = {}
+  for names in groups.values():
+    flat = [features[n].reshape((-1, 1) + features[n].shape[2:]) for n in names]
+    media = module.resampler(sharding.side_by_side(flat, shards))
+    for n, m in zip(names, sharding.unstack_side_by_side(media, [len(x) for x in flat], shards)):
+      out[n] = m.reshape(features[n].shape[:2] + m.shape[2:])
   return out
 
 
 def summed_losses(model, params, batches: Mapping[str, Mapping[str, jax.Array]], rng=None) -> dict:
   """Dataset → its batch's loss_mask-weighted sum of token NLLs under `params` (the whole
-  tree), for datasets of one `lm_groups` group: the LM runs once over their rows, each batch
-  shard's rows of every dataset side by side (local to each device)."""
+  tree). Every dataset's rows run in one LM call, packed to one text length
+  (train/packing.py), each batch shard's rows packed locally."""
   names = sorted(batches)
   shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
-  sizes = [batches[n]["input_ids"].shape[0] for n in names]
-  k = shards if all(b % shards == 0 for b in sizes) else 1
+  if not all(batches[n]["input_ids"].shape[0] % shards == 0 for n in names):
+    shards = 1  # no mesh check ran (a sharded step checks the batches against the mesh)
 
   def forward(module):
-    inputs = [_lm_inputs(module, batches[n]) for n in names]
-    stacked = {key: sharding.side_by_side([x[key] for x in inputs], k) for key in inputs[0]}
-    logits = module.lm_logits(stacked["input_ids"], stacked["attention_mask"],
-                              media=stacked.get("media"), media_index=stacked["media_index"],
-                              media_mask=stacked.get("media_mask"))
-    nll = token_nll(logits, stacked["targets"], stacked["loss_mask"])
-    return [jnp.sum(x) for x in sharding.unstack_side_by_side(nll, sizes, k)]
+    inputs = {n: _lm_inputs(module.config, batches[n]) for n in names}
+    packed, layout = packing.pack(inputs, _resampled(module, batches, shards), shards)
+    logits = module.lm_logits(packed["input_ids"], packed["attention_mask"],
+                              media=packed.get("media"), media_index=packed["media_index"],
+                              media_mask=packed.get("media_mask"), positions=packed["positions"],
+                              segments=packed.get("segments"))
+    nll = token_nll(logits, packed["targets"], packed["loss_mask"])
+    return packing.sums_by_dataset(nll, layout, shards)
 
-  sums = model.apply({"params": params}, method=forward, rngs={} if rng is None else {"dropout": rng})
-  return dict(zip(names, sums))
+  return model.apply({"params": params}, method=forward, rngs={} if rng is None else {"dropout": rng})
 
 
 def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]]) -> dict:
@@ -175,22 +183,18 @@ def make_train_step(model, optimizer: optax.GradientTransformation,
       if name in features:
         inputs[name]["vision_features"] = features[name]
       counts[name] = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    losses = {}
-    for i, names in enumerate(lm_groups(inputs)):
-      group_counts = {n: counts[n] for n in names}
 
-      def accumulate(carry, micro, rng=jax.random.fold_in(rng, i), group_counts=group_counts):
-        g_sum, loss_sums = carry
-        (_, micro_losses), g = value_and_grad(params, frozen, micro, group_counts, rng)
-        g = layout.to_update(g)  # ZeRO-1: reduced into the moments' layout
-        return (jax.tree.map(jnp.add, g_sum, g),
-                jax.tree.map(jnp.add, loss_sums, micro_losses)), None
+    def accumulate(carry, micro):
+      g_sum, loss_sums = carry
+      (_, micro_losses), g = value_and_grad(params, frozen, micro, counts, rng)
+      g = layout.to_update(g)  # ZeRO-1: reduced into the moments' layout
+      return (jax.tree.map(jnp.add, g_sum, g),
+              jax.tree.map(jnp.add, loss_sums, micro_losses)), None
 
-      # Micro-batches run one after another under scan: memory of one, gradient of all.
-      zero = {n: jnp.zeros((), jnp.float32) for n in names}
-      (grads, group_losses), _ = jax.lax.scan(
-          accumulate, (grads, zero), {n: _microbatches(inputs[n], microbatches) for n in names})
-      losses.update(group_losses)
+    # Micro-batches run one after another under scan: memory of one, gradient of all.
+    zero = {n: jnp.zeros((), jnp.float32) for n in inputs}
+    (grads, losses), _ = jax.lax.scan(
+        accumulate, (grads, zero), {n: _microbatches(b, microbatches) for n, b in inputs.items()})
     for name in sorted(losses):
       metrics[f"loss/{name}"] = losses[name]
       metrics[f"loss_tokens/{name}"] = counts[name]
