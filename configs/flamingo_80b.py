@@ -30,8 +30,8 @@ def get_config(arg=None):
   # shard; 1536 examples an update instead of 1344, +14%; the weights λ are the paper's).
   # Optimizer state: ZeRO stage 1 as in the paper: the Adam moments split over the 96 data
   # shards (zero-padded where 96 divides no dimension), the weights replicated over data.
-  # Measured with train_compile.py (README): 16.95 GiB per chip, and a device feeds
-  # collectives 15.4 GiB a step, against 10.13 GiB and 43.7 GiB with fsdp 4 (weights
+  # Measured with train_compile.py (README): 16.01 GiB per chip, and a device feeds
+  # collectives 14.4 GiB a step, against 9.03 GiB and 21.3 GiB with fsdp 4 (weights
   # gathered every step: --config.optimizer_sharding=params --config.mesh.fsdp=4).
   config.data = presets.paper_data(arg or "random", batch_sizes=PAPER_POD_BATCH)
   config.optimizer_sharding = "zero1"
