@@ -34,7 +34,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from flamingo_jax import cli, sharding  # noqa: E402
 from flamingo_jax.config import ConfigError  # noqa: E402
-from flamingo_jax.train import hlo, program as program_lib, topology as topology_lib  # noqa: E402
+from flamingo_jax.train import hlo, packing, program as program_lib, topology as topology_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:8x8x24, v5p:8x8x8, v5e:16x16.")
@@ -99,10 +99,16 @@ def run(config, topology_name: str, num_slices: int = 1) -> dict:
     arithmetic = program.argument_bytes(group)
     r = compile_group(program, group, usable)
     r.update(group=list(group), arguments_arithmetic=arithmetic)
+    # The LM's rows, packed per batch shard and micro-batch (train/packing.py).
+    lm = packing.plan_batches({n: shapes[n] for n in group},
+                              sharding.batch_shards(mesh) * config.microbatches)
+    r.update(lm_rows=lm.rows, lm_length=lm.length, lm_media_slots=lm.slots, lm_fill=lm.fill)
     flops = program.step_flops(group)
     r.update(step_flops=flops, step_s_at_50_mfu=flops / (MFU * chip.peak_flops * len(devices)))
     results.append(r)
     print(f"step over {', '.join(group)}: compiled in {r['compile_s']:.1f} s")
+    print(f"  LM: {lm.rows} rows of {lm.length} tokens and {lm.slots} media slots a batch "
+          f"shard and micro-batch, packed; {lm.fill:.1%} of their tokens are data, the rest padding")
     gib = lambda b: f"{b / GIB:.2f}"
     if r["memory"] is not None:
       m = r["memory"]

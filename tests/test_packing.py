@@ -59,6 +59,7 @@ def test_packed_rows_give_each_rows_own_logits(family):
   packed, layout = packing.pack(inputs, media, shards=1)
   # 12 (2 media) | 12 | 6+6 (text) | 4+4+4 (3 media) | 4 + padding
   assert (layout.rows, layout.slots) == (5, 3)
+  assert layout.fill == pytest.approx((2 * 12 + 4 * 4 + 2 * 6) / (5 * 12))
 
   def logits(x, segments="given"):
     return model.apply({"params": params}, x["input_ids"], x["attention_mask"], media=x.get("media"),

@@ -58,6 +58,8 @@ def test_compiles_a_small_config_for_a_v4_slice_and_memory_matches_the_arithmeti
   assert out["step_s_at_50_mfu"] == pytest.approx(step["step_flops"] / (0.5 * 275e12 * 4))
   assert "fits" in p.stdout and "arithmetic" in p.stdout
   assert step["collective_bytes"]["all-gather"] > 0  # fsdp gathers the weights
+  # One dataset of 8 rows over 4 batch shards: the LM runs 2 rows of 15 tokens a shard.
+  assert (step["lm_rows"], step["lm_length"], step["lm_fill"]) == (2, 15, 1.0)
 
 
 def wide_tiny_counts() -> dict:

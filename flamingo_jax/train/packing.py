@@ -46,6 +46,11 @@ class Layout:
   def one_segment_a_row(self) -> bool:
     return bool((self.segments <= 1).all())
 
+  @property
+  def fill(self) -> float:
+    """The fraction of packed token slots that hold a dataset's token (the rest: padding)."""
+    return float((self.dataset >= 0).mean())
+
 
 def plan(shapes: Mapping[str, tuple[int, int, int]]) -> Layout:
   """shapes: dataset → (rows in a shard, text length, media slots a row)."""
@@ -89,6 +94,16 @@ def plan(shapes: Mapping[str, tuple[int, int, int]]) -> Layout:
                 slot_source.reshape(-1), slot_offset, positions, segments, dataset)
 
 
+def plan_batches(batches: Mapping[str, Mapping], shards: int) -> Layout:
+  """`plan` for datasets' batches (arrays or shapes: input_ids [B, t], images [B, M, ...]
+  where they have media), B split over `shards`."""
+  def slots(batch):
+    images = batch.get("images")
+    return 0 if images is None else images.shape[1]
+  return plan({n: (b["input_ids"].shape[0] // shards, b["input_ids"].shape[1], slots(b))
+               for n, b in batches.items()})
+
+
 def _gather(streams: list, source: np.ndarray, fill, shards: int, row_shape: tuple) -> jax.Array:
   """Each shard's `streams` [shards, n_i, ...] concatenated, a `fill` element appended,
   then taken at `source` → [shards · rows, *row_shape, ...]."""
@@ -105,9 +120,8 @@ def pack(inputs: Mapping[str, Mapping[str, jax.Array]], media: Mapping[str, jax.
   [shards · rows, length] with `positions` and (where a row holds several) `segments`,
   each batch shard's packed rows from its own rows. B must split over `shards`."""
   names = sorted(inputs)
-  slots = {n: media[n].shape[1] if n in media else 0 for n in names}
-  layout = plan({n: (inputs[n]["input_ids"].shape[0] // shards, inputs[n]["input_ids"].shape[1],
-                     slots[n]) for n in names})
+  layout = plan_batches({n: dict(input_ids=inputs[n]["input_ids"], images=media.get(n))
+                         for n in names}, shards)
 
   def tokens(key, n):
     x = inputs[n][key]
@@ -124,7 +138,7 @@ def pack(inputs: Mapping[str, Mapping[str, jax.Array]], media: Mapping[str, jax.
   out["positions"] = tile(layout.positions)
   if not layout.one_segment_a_row:
     out["segments"] = tile(layout.segments)
-  with_media = [n for n in names if slots[n]]
+  with_media = [n for n in names if n in media and media[n].shape[1]]
   if with_media:
     per_shard = lambda x: x.reshape((shards, -1) + x.shape[2:])
     out["media"] = _gather([per_shard(media[n]) for n in with_media], layout.slot_source, 0,
