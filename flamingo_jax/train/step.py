@@ -44,6 +44,30 @@ def summed_loss(model, params, batch: Mapping[str, jax.Array], rng=None) -> jax.
   return summed_losses(model, params, {"": batch}, rng)[""]
 
 
+def _local_shards(sizes) -> int:
+  """The batch shards arrays of these leading sizes split over: the mesh's, or 1 where one
+  does not divide (no mesh check ran; a sharded step checks its batches against the mesh)."""
+  shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
+  return shards if all(b % shards == 0 for b in sizes) else 1
+
+
+def _call_side_by_side(fn, xs: Mapping[str, jax.Array], lead: int) -> dict:
+  """name → `fn` over `xs[name]` with its first `lead` axes flattened: one call per
+  (trailing shape, dtype) over every array of it, each batch shard's rows side by side
+  (a concatenation local to each device). fn: [N, ...] → [N, ...]."""
+  groups = {}
+  for name, x in sorted(xs.items()):
+    groups.setdefault((x.shape[lead:], x.dtype), []).append(name)
+  out = {}
+  for names in groups.values():
+    shards = _local_shards([xs[n].shape[0] for n in names])
+    flat = [xs[n].reshape((-1,) + xs[n].shape[lead:]) for n in names]
+    y = fn(sharding.side_by_side(flat, shards))
+    for n, f in zip(names, sharding.unstack_side_by_side(y, [len(x) for x in flat], shards)):
+      out[n] = f.reshape(xs[n].shape[:lead] + f.shape[1:])
+  return out
+
+
 def _lm_inputs(config, batch) -> dict:
   """One dataset's token inputs and media mask, defaults spelt out (so datasets pack)."""
   images, ids = batch.get("images"), batch["input_ids"]
@@ -57,26 +81,16 @@ def _lm_inputs(config, batch) -> dict:
   return out
 
 
-def _resampled(module, batches, shards: int) -> dict:
+def _resampled(module, batches) -> dict:
   """Dataset → its media's visual tokens [B, M, L, D] (datasets with media): one resampler
-  call per vision-feature shape (frames, tokens), each batch shard's media of every
-  dataset side by side."""
+  call per vision-feature shape (frames, tokens) over every dataset's media."""
   features = {}
-  for name, batch in sorted(batches.items()):
+  for name, batch in batches.items():
     images = batch.get("images")
     if images is not None and images.shape[1]:
       f = batch.get("vision_features")
       features[name] = module.vision_features(images) if f is None else f
-  groups = {}
-  for name, f in features.items():
-    groups.setdefault((f.shape[2:], f.dtype), []).append(name)
-  out = {}
-  for names in groups.values():
-    flat = [features[n].reshape((-1, 1) + features[n].shape[2:]) for n in names]
-    media = module.resampler(sharding.side_by_side(flat, shards))
-    for n, m in zip(names, sharding.unstack_side_by_side(media, [len(x) for x in flat], shards)):
-      out[n] = m.reshape(features[n].shape[:2] + m.shape[2:])
-  return out
+  return _call_side_by_side(lambda f: module.resampler(f[:, None])[:, 0], features, lead=2)
 
 
 def summed_losses(model, params, batches: Mapping[str, Mapping[str, jax.Array]], rng=None) -> dict:
@@ -84,13 +98,11 @@ def summed_losses(model, params, batches: Mapping[str, Mapping[str, jax.Array]],
   tree). Every dataset's rows run in one LM call, packed to one text length
   (train/packing.py), each batch shard's rows packed locally."""
   names = sorted(batches)
-  shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
-  if not all(batches[n]["input_ids"].shape[0] % shards == 0 for n in names):
-    shards = 1  # no mesh check ran (a sharded step checks the batches against the mesh)
+  shards = _local_shards([batches[n]["input_ids"].shape[0] for n in names])
 
   def forward(module):
     inputs = {n: _lm_inputs(module.config, batches[n]) for n in names}
-    packed, layout = packing.pack(inputs, _resampled(module, batches, shards), shards)
+    packed, layout = packing.pack(inputs, _resampled(module, batches), shards)
     logits = module.lm_logits(packed["input_ids"], packed["attention_mask"],
                               media=packed.get("media"), media_index=packed["media_index"],
                               media_mask=packed.get("media_mask"), positions=packed["positions"],
@@ -106,24 +118,12 @@ def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]
   every dataset's images (of one size) in one call of the frozen tower, so the program
   holds one vision tower, not one per dataset. The call takes each batch shard's images of
   every dataset side by side, so the concatenation is local to each device."""
-  shards = sharding.batch_shards(jax.sharding.get_abstract_mesh())
-  groups = {}
-  for name, batch in sorted(batches.items()):
-    images = batch.get("images")
-    if images is not None and images.shape[1] > 0:
-      groups.setdefault((images.shape[3:], images.dtype), []).append(name)
-  out = {}
-  for names in groups.values():
-    shapes = [batches[n]["images"].shape for n in names]
-    k = shards if all(s[0] % shards == 0 for s in shapes) else 1  # 1: no mesh check ran
-    flat = [batches[n]["images"].reshape((-1,) + s[3:]) for n, s in zip(names, shapes)]
-    images = sharding.side_by_side(flat, k)
-    features = model.apply({"params": params}, images[:, None, None], method=type(model).vision_features)
-    own = sharding.unstack_side_by_side(features[:, 0, 0], [len(x) for x in flat], k)
-    for n, s, f in zip(names, shapes, own):
-      out[n] = nn.with_logical_constraint(f.reshape(s[:3] + f.shape[1:]),
-                                          ("act_batch", None, None, "act_len", "act_embed"))
-  return out
+  images = {n: b["images"] for n, b in batches.items()
+            if b.get("images") is not None and b["images"].shape[1] > 0}
+  encode = lambda x: model.apply({"params": params}, x[:, None, None],
+                                 method=type(model).vision_features)[:, 0, 0]
+  return {n: nn.with_logical_constraint(f, ("act_batch", None, None, "act_len", "act_embed"))
+          for n, f in _call_side_by_side(encode, images, lead=3).items()}
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng,
