@@ -12,9 +12,8 @@ def nfnet_f6() -> dict:
   """Paper: NFNet-F6 (435M, frozen), contrastively pretrained, 320x320 in Flamingo; as
   DeepMind's Haiku NFNets (the paper's code) compute it: `jax.nn.gelu`'s default tanh
   approximation and WSConv2D's weight standardisation (timm's `dm_nfnet_*` port uses exact
-  GELU instead). The tanh form also compiles faster: the erf polynomial, fused into each
-  conv's epilogue, made flamingo_3b's vision tower take 59-63 s to compile for a v4 chip
-  against 34-38 s (this 2-core machine, two runs each)."""
+  GELU instead). The tanh form also compiles faster on TPU: the erf polynomial is fused
+  into each conv's epilogue (flamingo_3b's vision tower: 59-63 s with it, see flamingo())."""
   return dict(kind="nfnet", variant="F6", image_size=320, activation="gelu_tanh",
               weight_standardization="deepmind")
 
