@@ -259,6 +259,7 @@ def test_corrupt_video_fails_when_loaded_naming_the_file(tmp_path):
   with open(clip, "wb") as f:
     f.write(os.urandom(2000))
   data = video_tasks.MSVD_QA.load(str(tmp_path))  # lazily: reading the files decodes nothing
-  with pytest.raises(VideoDecodeError, match="unreadable video") as e:
+  # (random bytes now and then parse as a container holding no video stream: either error)
+  with pytest.raises(VideoDecodeError, match="unreadable video|no video stream") as e:
     data.test[0].media.load(lambda image: image.astype(np.float32))
   assert clip in str(e.value)
