@@ -178,3 +178,21 @@ print(json.dumps(np.vectorize(lambda d: d.slice_index)(mesh.devices).tolist()))
                     check=False)
   assert p.returncode == 2 and "--config.mesh.slice=2" in p.stderr, p.stderr[-2000:]
   assert "Traceback" not in p.stderr
+
+
+def test_compile_breakdown_sums_the_emission_log_by_model_part():
+  """benchmarks/compile_breakdown.py: libtpu's per-instruction emission stats, mapped to
+  the model's parts through the HLO's op names: the frozen vision tower only forward, the
+  trained parts forward and backward."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_breakdown.py"),
+                      "--config", "configs/tiny.py", "--topology", "v4:2x2x1", "--config.mesh.data=4",
+                      *WIDE_TINY], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  parts = out["emission"]
+  for part in ("resampler", "xattn", "lm"):
+    assert parts[f"{part}/forward"]["bundles"] > 0 and parts[f"{part}/backward"]["bundles"] > 0, parts
+  assert parts["vision/forward"]["bundles"] > 0 and "vision/backward" not in parts
+  assert sum(v["s"] for v in parts.values()) > 0 and out["compile_s"] > 0
