@@ -77,7 +77,7 @@ def op_names(hlo_text: str) -> dict:
 
 def classify(op_name: str) -> tuple[str, str]:
   part = next((p for p, pattern in PARTS if re.search(pattern, op_name)), "other")
-  backward = "transpose(" in op_name or "checkpoint" in op_name or "remat" in op_name
+  backward = "transpose(" in op_name or "rematted_computation" in op_name
   return part, "backward" if backward else "forward"
 
 
@@ -106,7 +106,7 @@ def main(argv):
   del argv
   import flax.linen as nn
   import jax
-  from flamingo_jax.train import program as program_lib, step as step_lib, topology
+  from flamingo_jax.train import partition, program as program_lib, step as step_lib, topology
 
   program = program_lib.from_config(_CONFIG.value, topology.devices(_TOPOLOGY.value))
   group = program.groups[0]
@@ -117,7 +117,6 @@ def main(argv):
 
     def vision(trainable, frozen, images):
       with nn.logical_axis_rules(program.rules):
-        from flamingo_jax.train import partition
         return step_lib.vision_features(program.model, partition.merge(trainable, frozen), images)
     with jax.set_mesh(program.mesh):
       lowered = jax.jit(vision).lower(state["params"], frozen, images)
