@@ -101,3 +101,18 @@ def test_latents_take_part_in_keys():
   moved = np.abs(out - out2).max(axis=-1)[0, 0]  # per latent
   others = np.delete(moved, 1)
   assert others.min() > 1e-4, moved  # exactly 0 if the latents were not keys
+
+
+def test_groups_resampled_in_one_call_equal_each_group_alone():
+  """Stills and clips in one call (train/step.py): projections over every group's rows
+  side by side per batch shard, the softmax per group; each group's items come back in
+  order, as the group alone gives them, for any shard count."""
+  model, params = _init(jnp.ones((1, 1, 1, 7, 16)))
+  stills = jax.random.normal(jax.random.key(1), (4, 1, 7, 16))
+  clips = jax.random.normal(jax.random.key(2), (2, 3, 7, 16))
+  alone = [model.apply(params, g[:, None])[:, 0] for g in (stills, clips)]
+  for shards in (1, 2):
+    together = model.apply(params, [stills, clips], shards)
+    for a, t in zip(alone, together):
+      np.testing.assert_allclose(t, a, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(alone[0][:2], alone[1])  # (the groups' outputs differ)

@@ -1,8 +1,9 @@
 """The update step: weighted losses over several datasets, gradients of the trainable
 subtree only, accumulated over datasets and micro-batches, skipped when not finite. The
-frozen vision tower runs once over every dataset's images, the resampler once per frame
-count, and the LM once over every dataset's rows packed to one length (packing.py): the
-program holds one of each, however many datasets.
+frozen vision tower runs once over every dataset's images, the resampler once over their
+features (stills and clips in one call: perceiver.py), and the LM once over every
+dataset's rows packed to one length (packing.py): the program holds one of each, however
+many datasets.
 
 Train state (a plain dict, big_vision style):
   step                 int32   updates attempted (a skipped update still counts)
@@ -52,19 +53,23 @@ def _local_shards(sizes) -> int:
 
 
 def _call_side_by_side(fn, xs: Mapping[str, jax.Array], lead: int) -> dict:
-  """name → `fn` over `xs[name]` with its first `lead` axes flattened: one call per
-  (trailing shape, dtype) over every array of it, each batch shard's rows side by side
-  (a concatenation local to each device). fn: [N, ...] → [N, ...]."""
+  """name → `fn`'s output for `xs[name]` with its first `lead` axes flattened. Arrays of
+  one (trailing shape, dtype) form a group, each batch shard's rows of every array side by
+  side (a concatenation local to each device); fn: (groups [N_g, ...], shards) → [N_g, ...]
+  for each group."""
+  if not xs:
+    return {}
   groups = {}
   for name, x in sorted(xs.items()):
     groups.setdefault((x.shape[lead:], x.dtype), []).append(name)
+  groups = list(groups.values())
+  shards = _local_shards([x.shape[0] for x in xs.values()])
+  flat = [[xs[n].reshape((-1,) + xs[n].shape[lead:]) for n in names] for names in groups]
+  ys = fn([sharding.side_by_side(f, shards) for f in flat], shards)
   out = {}
-  for names in groups.values():
-    shards = _local_shards([xs[n].shape[0] for n in names])
-    flat = [xs[n].reshape((-1,) + xs[n].shape[lead:]) for n in names]
-    y = fn(sharding.side_by_side(flat, shards))
-    for n, f in zip(names, sharding.unstack_side_by_side(y, [len(x) for x in flat], shards)):
-      out[n] = f.reshape(xs[n].shape[:lead] + f.shape[1:])
+  for names, f, y in zip(groups, flat, ys):
+    for n, part in zip(names, sharding.unstack_side_by_side(y, [len(x) for x in f], shards)):
+      out[n] = part.reshape(xs[n].shape[:lead] + part.shape[1:])
   return out
 
 
@@ -83,14 +88,14 @@ def _lm_inputs(config, batch) -> dict:
 
 def _resampled(module, batches) -> dict:
   """Dataset → its media's visual tokens [B, M, L, D] (datasets with media): one resampler
-  call per vision-feature shape (frames, tokens) over every dataset's media."""
+  call over every dataset's media, grouped by feature shape (frames, tokens)."""
   features = {}
   for name, batch in batches.items():
     images = batch.get("images")
     if images is not None and images.shape[1]:
       f = batch.get("vision_features")
       features[name] = module.vision_features(images) if f is None else f
-  return _call_side_by_side(lambda f: module.resampler(f[:, None])[:, 0], features, lead=2)
+  return _call_side_by_side(module.resampler, features, lead=2)
 
 
 def summed_losses(model, params, batches: Mapping[str, Mapping[str, jax.Array]], rng=None) -> dict:
@@ -122,8 +127,9 @@ def vision_features(model, params, batches: Mapping[str, Mapping[str, jax.Array]
             if b.get("images") is not None and b["images"].shape[1] > 0}
   encode = lambda x: model.apply({"params": params}, x[:, None, None],
                                  method=type(model).vision_features)[:, 0, 0]
+  features = _call_side_by_side(lambda xs, _: [encode(x) for x in xs], images, lead=3)
   return {n: nn.with_logical_constraint(f, ("act_batch", None, None, "act_len", "act_embed"))
-          for n, f in _call_side_by_side(encode, images, lead=3).items()}
+          for n, f in features.items()}
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng,
