@@ -80,12 +80,19 @@ def weight_gradient_matmuls(config, kernels: dict) -> list[str]:
   for line in hlo.splitlines():
     m = re.search(r'= f32\[([\d,]+)\]\S* (?:dot|fusion)\(.*op_name="([^"]*transpose\(jvp[^"]*'
                   r'dot_general)"', line)
-    if not m:
+    if not m or "kind=kLoop" in line:  # elementwise (a weight's layout copy), not a matmul
       continue
-    shape = tuple(int(x) for x in m.group(1).split(","))[-2:]
+    shape = tuple(int(x) for x in m.group(1).split(","))
     for module, kernel in kernels.items():
-      tail = "/".join(module.split("/")[-3:])  # op names drop the scanned stack's prefix
-      if f"/{tail}/" in m.group(2) and shape in (kernel, kernel[::-1]):
+      path = module.split("/")
+      tail = "/".join(path[-3:])  # op names drop the scanned stack's prefix
+      if f"/{tail}/" in m.group(2) and shape[-2:] in (kernel, kernel[::-1]):
+        found.add(module)
+      # Kernels fused into one matmul (linear.dense_together): named by their parent
+      # module, the gradient of n ≥ 2 stacked kernels [in, n·out] in some layout.
+      fused = "/".join(path[-3:-1])
+      stacked = lambda a, b: a == kernel[0] and np.prod(b) in (2 * kernel[1], 3 * kernel[1])
+      if f"/{fused}/checkpoint/" in m.group(2) and (stacked(shape[0], shape[1:]) or stacked(shape[-1], shape[:-1])):
         found.add(module)
   return sorted(found)
 
@@ -100,6 +107,7 @@ def test_compiled_step_computes_no_frozen_weight_gradient():
   config.trainable = tuple(config.trainable) + (r"lm/groups/layers/mlp/.*",)
   found = weight_gradient_matmuls(config, kernels)
   assert found and all("/mlp/" in k for k in found), found
+  assert {k.split("/")[-1] for k in found} >= {"up", "down"}, found  # fused with gate, and alone
 
 
 def test_optimizer_state_has_no_frozen_leaf(reference_run):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.layers import rotary
-from flamingo_jax.layers.linear import Dense
+from flamingo_jax.layers.linear import Dense, dense_together
 from flamingo_jax.layers.norms import LayerNorm
 
 _MASKED = -1e30  # finite, so a fully masked row gives a uniform softmax, never NaN
@@ -139,11 +139,14 @@ class Attention(nn.Module):
                positions: jax.Array | None = None,
                cache_rows: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = self._heads(self._project(x, "query", self.num_heads), self.num_heads)
+    # Projections of one input and width in one matmul: q, k, v of a self-attention
+    # without grouped KV heads; else q, then k and v of the context.
+    qkv = context is None and not self.context_cache and self._kv_heads == self.num_heads
+    q, *kv = self._project(x, ("query", "key", "value") if qkv else ("query",))
     if self.context_cache:
       keys_values = [self._context_keys_values(context)]
     else:
-      k, v = self._keys_values(x if context is None else context)
+      k, v = kv or self._project(x if context is None else context, ("key", "value"))
       if self.rope_dim:
         rope = dict(rotary_dim=self.rope_dim, theta=self.rope_theta, scaling=self.rope_scaling)
         q = rotary.apply_rope(q, positions, **rope)
@@ -164,27 +167,24 @@ class Attention(nn.Module):
   def _kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
 
-  def _project(self, x, name: str, heads: int) -> jax.Array:
-    axes = ("embed", "heads" if name == "query" else "kv_heads")
-    y = Dense(heads * self.head_dim, axes, use_bias=self.qkv_bias, name=name,
-              dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    if self.qk_norm and name != "value":
-      norm = "q_norm" if name == "query" else "k_norm"
-      y = LayerNorm(eps=self.qk_norm_eps, use_bias=self.qkv_bias, name=norm, dtype=self.dtype,
-                    param_dtype=self.param_dtype)(y)
-    return y
-
-  def _heads(self, y: jax.Array, heads: int) -> jax.Array:
-    return y.reshape(y.shape[:-1] + (heads, self.head_dim))
-
-  def _keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return tuple(self._heads(self._project(context, name, self._kv_heads), self._kv_heads)
-                 for name in ("key", "value"))
+  def _project(self, x, names: tuple[str, ...]) -> list[jax.Array]:
+    """`x` through the projections `names` (of one width) in one matmul
+    (linear.dense_together), QK-normed, each split into heads [..., heads, head_dim]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    heads = lambda name: self.num_heads if name == "query" else self._kv_heads
+    ys = dense_together(x, [Dense(heads(n) * self.head_dim, ("embed", "heads" if n == "query" else "kv_heads"),
+                                  use_bias=self.qkv_bias, name=n, **kw) for n in names])
+    out = []
+    for name, y in zip(names, ys):
+      if self.qk_norm and name != "value":
+        y = LayerNorm(eps=self.qk_norm_eps, use_bias=self.qkv_bias, name=f"{name[0]}_norm", **kw)(y)
+      out.append(y.reshape(y.shape[:-1] + (heads(name), self.head_dim)))
+    return out
 
   def _context_keys_values(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     if context is None:  # decoding after the prompt: the visual tokens' K/V from the cache
       return tuple(self.get_variable(MEDIA_CACHE, name) for name in _NAMES)
-    k, v = (jnp.swapaxes(y, 1, 2) for y in self._keys_values(context))
+    k, v = (jnp.swapaxes(y, 1, 2) for y in self._project(context, ("key", "value")))
     if self.is_mutable_collection(MEDIA_CACHE) and not self.is_initializing():
       for name, y in zip(_NAMES, (k, v)):
         self.put_variable(MEDIA_CACHE, name, y)

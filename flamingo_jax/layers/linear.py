@@ -7,6 +7,7 @@ the float32 copy of every scanned layer's weight for the backward (a residual th
 of the frozen model in float32); uncast, the residual is the stored weight itself, which
 a scan forwards without a copy.
 """
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -30,13 +31,6 @@ def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
                              preferred_element_type=preferred_element_type or lhs.dtype)
 
 
-def _promote_but_keep_weight(inputs, kernel, bias=None, *, dtype=None, inexact=True) -> list:
-  """flax's promote_dtype for Dense's (inputs, kernel, bias), the kernel through
-  `as_operand`."""
-  inputs, bias = nn.dtypes.promote_dtype(inputs, bias, dtype=dtype, inexact=inexact)
-  return [inputs, as_operand(kernel, inputs.dtype), bias]
-
-
 class Embed(nn.Embed):
   """nn.Embed reading a narrower table as stored: the looked-up rows are cast, not the
   table, and `attend` (a tied LM head) upcasts inside the dot. The lookup keeps the batch
@@ -57,26 +51,55 @@ class Embed(nn.Embed):
                              (((query.ndim - 1,), (1,)), ((), ())))
 
 
-def Dense(
-    features: int,
-    axes: Sequence[str],
-    *,
-    use_bias: bool = False,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    kernel_init=DEFAULT_KERNEL_INIT,
-    name: str | None = None,
-) -> nn.Dense:
-  """`nn.Dense` with a [in, out] kernel named by `axes` (e.g. ('embed', 'mlp'))."""
-  in_axis, out_axis = axes
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, (in_axis, out_axis)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (out_axis,)),
-      promote_dtype=_promote_but_keep_weight,
-      dot_general=mixed_dot_general,
-      name=name,
-  )
+class Dense(nn.Module):
+  """y = x·kernel + bias, the kernel [in, out] named by `axes` (e.g. ('embed', 'mlp'));
+  params named as flax's `nn.Dense`'s (`kernel`, `bias`)."""
+  features: int
+  axes: Sequence[str]
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = DEFAULT_KERNEL_INIT
+
+  @nn.compact
+  def weights(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)),
+                        (in_features, self.features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+    return kernel, bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return dense_together(x, [self])[0]
+
+
+def dense_together(x: jax.Array, layers: Sequence[Dense]) -> list[jax.Array]:
+  """Each of `layers` (of one shape) applied to `x`, as one matmul over their kernels
+  stacked [in, n, out]. One wide matmul is one instruction in the compiled program where
+  n matmuls are n: on TPU a matmul's code is about the same size whatever its width, so
+  fusing the projections that read one input (q / k / v, gate / up) cuts the code the
+  compiler emits, forward and backward, and with it the compile time (README, Scale).
+  The stack is one layer's weights, made inside the layer and remade for the backward
+  (`_stacked_matmul`), never saved for it: saved, it would be a copy of every scanned
+  layer's weights."""
+  first = layers[0]
+  x = jnp.asarray(x, first.dtype)
+  weights = [layer.weights(x.shape[-1]) for layer in layers]
+  kernels = [as_operand(k, x.dtype) for k, _ in weights]
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  if len(kernels) == 1:
+    ys = [mixed_dot_general(x, kernels[0], dims)]
+  else:
+    ys = _stacked_matmul(x, kernels, dims)
+  return [y if b is None else y + b.astype(y.dtype) for y, (_, b) in zip(ys, weights)]
+
+
+# Rematerialised: what the backward needs is then the kernels as given (a scan's slices of
+# its stacked weights, as for separate matmuls), not their stack; the matmul's output is
+# still saved where a remat policy saves matmul outputs (lm/decoder.py "dots").
+@functools.partial(jax.checkpoint, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)
+def _stacked_matmul(x, kernels, dims) -> list[jax.Array]:
+  y = mixed_dot_general(x, jnp.stack(kernels, axis=1), dims)
+  return [y[..., i, :] for i in range(len(kernels))]

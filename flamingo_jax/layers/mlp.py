@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.layers import activations
-from flamingo_jax.layers.linear import Dense
+from flamingo_jax.layers.linear import Dense, dense_together
 
 
 class MLP(nn.Module):
@@ -26,10 +26,11 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     act = activations.get(self.activation)
-    h = Dense(self.hidden_dim, ("embed", "mlp"), name="up", **kw)(x)
-    if self.gated:
-      h = act(Dense(self.hidden_dim, ("embed", "mlp"), name="gate", **kw)(x)) * h
+    if self.gated:  # gate and up in one matmul (linear.dense_together)
+      h, gate = dense_together(x, [Dense(self.hidden_dim, ("embed", "mlp"), name=n, **kw)
+                                   for n in ("up", "gate")])
+      h = act(gate) * h
     else:
-      h = act(h)
+      h = act(Dense(self.hidden_dim, ("embed", "mlp"), name="up", **kw)(x))
     h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
     return Dense(x.shape[-1], ("mlp", "embed"), name="down", **kw)(h)
