@@ -139,14 +139,14 @@ class Attention(nn.Module):
                positions: jax.Array | None = None,
                cache_rows: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # Projections of one input and width in one matmul: q, k, v of a self-attention
-    # without grouped KV heads; else q, then k and v of the context.
+    # q, k, v of a self-attention without grouped KV heads in one matmul (the frozen LMs'
+    # and vision towers'), else one each.
     qkv = context is None and not self.context_cache and self._kv_heads == self.num_heads
     q, *kv = self._project(x, ("query", "key", "value") if qkv else ("query",))
     if self.context_cache:
       keys_values = [self._context_keys_values(context)]
     else:
-      k, v = kv or self._project(x if context is None else context, ("key", "value"))
+      k, v = kv or self._keys_values(x if context is None else context)
       if self.rope_dim:
         rope = dict(rotary_dim=self.rope_dim, theta=self.rope_theta, scaling=self.rope_scaling)
         q = rotary.apply_rope(q, positions, **rope)
@@ -181,10 +181,13 @@ class Attention(nn.Module):
       out.append(y.reshape(y.shape[:-1] + (heads(name), self.head_dim)))
     return out
 
+  def _keys_values(self, context: jax.Array) -> list[jax.Array]:
+    return [y for name in ("key", "value") for y in self._project(context, (name,))]
+
   def _context_keys_values(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     if context is None:  # decoding after the prompt: the visual tokens' K/V from the cache
       return tuple(self.get_variable(MEDIA_CACHE, name) for name in _NAMES)
-    k, v = (jnp.swapaxes(y, 1, 2) for y in self._project(context, ("key", "value")))
+    k, v = (jnp.swapaxes(y, 1, 2) for y in self._keys_values(context))
     if self.is_mutable_collection(MEDIA_CACHE) and not self.is_initializing():
       for name, y in zip(_NAMES, (k, v)):
         self.put_variable(MEDIA_CACHE, name, y)

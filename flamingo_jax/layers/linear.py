@@ -81,6 +81,9 @@ def dense_together(x: jax.Array, layers: Sequence[Dense]) -> list[jax.Array]:
   n matmuls are n: on TPU a matmul's code is about the same size whatever its width, so
   fusing the projections that read one input (q / k / v, gate / up) cuts the code the
   compiler emits, forward and backward, and with it the compile time (README, Scale).
+  For frozen weights: a trained one's gradient is then one stacked array, which ZeRO-1
+  all-reduces rather than reduce-scatters (tests/test_train_compile.py), so the model
+  fuses only the LMs' and vision towers' projections, not the xattn block's.
   The stack is one layer's weights, made inside the layer and remade for the backward
   (`_stacked_matmul`), never saved for it: saved, it would be a copy of every scanned
   layer's weights."""
@@ -98,8 +101,12 @@ def dense_together(x: jax.Array, layers: Sequence[Dense]) -> list[jax.Array]:
 
 # Rematerialised: what the backward needs is then the kernels as given (a scan's slices of
 # its stacked weights, as for separate matmuls), not their stack; the matmul's output is
-# still saved where a remat policy saves matmul outputs (lm/decoder.py "dots").
-@functools.partial(jax.checkpoint, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)
+# still saved where a remat policy saves matmul outputs (lm/decoder.py "dots"). CSE left
+# on: inside a rematerialised layer XLA merges this stack with the layer's recomputed one
+# (with it prevented, flamingo_3b fsdp 4 all-gathered its fsdp weights twice: 3.59 GiB a
+# step, not 3.32).
+@functools.partial(jax.checkpoint, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable,
+                   prevent_cse=False)
 def _stacked_matmul(x, kernels, dims) -> list[jax.Array]:
   y = mixed_dot_general(x, jnp.stack(kernels, axis=1), dims)
   return [y[..., i, :] for i in range(len(kernels))]
