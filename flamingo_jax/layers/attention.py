@@ -182,7 +182,7 @@ class Attention(nn.Module):
     return out
 
   def _keys_values(self, context: jax.Array) -> list[jax.Array]:
-    return [y for name in ("key", "value") for y in self._project(context, (name,))]
+    return [self._project(context, (name,))[0] for name in ("key", "value")]
 
   def _context_keys_values(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     if context is None:  # decoding after the prompt: the visual tokens' K/V from the cache

@@ -81,14 +81,13 @@ def dense_together(x: jax.Array, layers: Sequence[Dense]) -> list[jax.Array]:
   n matmuls are n: on TPU a matmul's code is about the same size whatever its width, so
   fusing the projections that read one input (q / k / v, gate / up) cuts the code the
   compiler emits, forward and backward, and with it the compile time (README, Scale).
-  For frozen weights: a trained one's gradient is then one stacked array, which ZeRO-1
-  all-reduces rather than reduce-scatters (tests/test_train_compile.py), so the model
-  fuses only the LMs' and vision towers' projections, not the xattn block's.
   The stack is one layer's weights, made inside the layer and remade for the backward
   (`_stacked_matmul`), never saved for it: saved, it would be a copy of every scanned
-  layer's weights."""
-  first = layers[0]
-  x = jnp.asarray(x, first.dtype)
+  layer's weights. Meant for frozen weights: a trained kernel's gradient would be one
+  stacked array, which ZeRO-1 all-reduces rather than reduce-scatters
+  (tests/test_train_compile.py), so the model fuses only the LMs' and vision towers'
+  projections, not the xattn block's."""
+  x = jnp.asarray(x, layers[0].dtype)
   weights = [layer.weights(x.shape[-1]) for layer in layers]
   kernels = [as_operand(k, x.dtype) for k, _ in weights]
   dims = (((x.ndim - 1,), (0,)), ((), ()))
