@@ -24,7 +24,7 @@ class Flamingo(nn.Module):
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
     self.vision = vision.build(c.vision, **kw)
-    self.resampler = PerceiverResampler(c.resampler, **kw)
+    self.resampler = PerceiverResampler(c.resampler, c.remat_policy, **kw)
     self.lm = DecoderLM(c)
 
   def vision_features(self, images: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ from flamingo_jax.layers.attention import dot_product_attention
 from flamingo_jax.layers.linear import Dense
 from flamingo_jax.layers.mlp import MLP
 from flamingo_jax.layers.norms import LayerNorm
+from flamingo_jax.layers.remat import remat
 from flamingo_jax.layers.scan import scan
 from flamingo_jax.sharding import side_by_side, unstack_side_by_side
 
@@ -107,6 +108,7 @@ class ResamplerLayer(nn.Module):
 
 class PerceiverResampler(nn.Module):
   config: ResamplerConfig
+  remat_policy: str = "full"  # FlamingoConfig.remat_policy (layers/remat.py)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -142,10 +144,10 @@ class PerceiverResampler(nn.Module):
     n = sum(s[0] for s in shapes)
     z = jnp.broadcast_to(latents.astype(self.dtype), (n, c.num_latents, d))
     z = nn.with_logical_constraint(z, ("act_batch", "act_len", "act_embed"))
-    # Rematerialised: a scan saves every residual of its body stacked over layers (float32
-    # norms of the media included); recomputing the small layer in the backward costs a
-    # resampler forward and keeps only each layer's latents.
-    layer = nn.remat(ResamplerLayer, prevent_cse=False)
+    # Rematerialised as the LM's layers are (remat_policy): unrematerialised, a scan saves
+    # every residual of its body stacked over layers (float32 norms of the media included);
+    # recomputed in the backward, the layers cost one more resampler forward.
+    layer = remat(ResamplerLayer, self.remat_policy)
     layers = scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                   in_axes=nn.broadcast, length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"})
     groups = tuple((s[0], s[1] * s[2]) for s in shapes)

@@ -30,14 +30,9 @@ from flamingo_jax.config import FlamingoConfig
 from flamingo_jax.gated_xattn import GatedCrossAttentionBlock, media_attention_mask
 from flamingo_jax.layers.attention import CACHE, CACHE_UPDATE, MEDIA_CACHE, SelfAttentionInputs
 from flamingo_jax.layers.linear import DEFAULT_KERNEL_INIT, Dense, Embed
+from flamingo_jax.layers.remat import remat
 from flamingo_jax.lm.token_rows import NewTokenRows
 from flamingo_jax.layers.scan import scan, stack_trees
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -231,9 +226,7 @@ class DecoderLM(nn.Module):
     args = (media, xattn_mask, has_media, attn)
 
     lay, decoding = layout(c), cached is not None
-    group = LayerGroup
-    if c.remat_policy != "none" and not decoding:
-      group = nn.remat(group, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+    group = LayerGroup if decoding else remat(LayerGroup, c.remat_policy)
     if lay.num_groups and not c.scan_layers:
       for g in range(lay.num_groups):
         x, _ = group(c, lay.group_size, self.with_xattn, decoding, name=f"group_{g}")(x, *args)
