@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "")
                                   + " --xla_tpu_impure_dump_lowering_stats=true").strip()
