@@ -246,7 +246,9 @@ class FlamingoConfig:
   trainable_token_ids: tuple[int, ...] = ()
   dtype: str = "float32"  # activations
   param_dtype: str = "float32"
-  remat_policy: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+  # The backward's recomputation of the LM's layer groups and the resampler's layers
+  # (layers/remat.py): 'none' | 'full' | 'dots' (save matmul outputs).
+  remat_policy: str = "none"
   # False: the LM's layer groups are separate modules `group_0`, ... instead of one
   # scanned stack `groups` (lm/decoder.py `unstack_groups` converts). For decoding: a
   # decode step inside a while loop that slices stacked weights copies every slice at
