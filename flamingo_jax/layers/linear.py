@@ -100,7 +100,7 @@ def dense_together(x: jax.Array, layers: Sequence[Dense]) -> list[jax.Array]:
 
 # Rematerialised: what the backward needs is then the kernels as given (a scan's slices of
 # its stacked weights, as for separate matmuls), not their stack; the matmul's output is
-# still saved where a remat policy saves matmul outputs (lm/decoder.py "dots"). CSE left
+# still saved where a remat policy saves matmul outputs (layers/remat.py "dots"). CSE left
 # on: inside a rematerialised layer XLA merges this stack with the layer's recomputed one
 # (with it prevented, flamingo_3b fsdp 4 all-gathered its fsdp weights twice: 3.59 GiB a
 # step, not 3.32).
