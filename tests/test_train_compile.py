@@ -60,6 +60,17 @@ def test_compiles_a_small_config_for_a_v4_slice_and_memory_matches_the_arithmeti
   assert step["collective_bytes"]["all-gather"] > 0  # fsdp gathers the weights
   # One dataset of 8 rows over 4 batch shards: the LM runs 2 rows of 15 tokens a shard.
   assert (step["lm_rows"], step["lm_length"], step["lm_fill"]) == (2, 15, 1.0)
+  # benchmarks/compile_table.py's README row of it.
+  row = compile_table().markdown_row("tiny", "--config configs/tiny.py", out)
+  assert row.startswith("| tiny | `python train_compile.py --config configs/tiny.py` | 4 v4 | 2 × 2 × 1 | ")
+  assert f"{out['per_device_gib']:.2f} GiB of 30.75: arguments {m['arguments'] / GIB:.2f}" in row
+  assert f"| yes | {out['compile_s']:.0f} s |" in row
+
+
+def compile_table():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import compile_table
+  return compile_table
 
 
 def wide_tiny_counts() -> dict:
@@ -99,6 +110,8 @@ def test_a_step_too_big_for_the_chip_does_not_fit():
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert out["fits"] is False and out["usable_hbm_gib"] == 15.75
   assert out["per_device_gib"] is None or out["per_device_gib"] > 15.75
+  row = compile_table().markdown_row("huge", "", out)
+  assert "(the compiler's out-of-memory message) of 15.75" in row and "| no |" in row
 
 
 @pytest.mark.parametrize("args,message", [
