@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from flamingo_jax import cli, multihost, sharding
 from flamingo_jax.config import ConfigError, FlamingoConfig
-from flamingo_jax.data import loader, sources
+from flamingo_jax.data import loader, prefetch, sources
 from flamingo_jax.train import checkpoint, flops, metrics as metrics_lib, partition
 from flamingo_jax.train import program as program_lib
 from flamingo_jax.train.stop_signals import StopSignals
@@ -178,21 +178,27 @@ def train(config, workdir: str, devices=None) -> dict:
     steps = {g: program.lower(g).compile() for g in groups}  # before any step runs:
     multihost.barrier("train_steps_compiled")  # processes start stepping together
     say(f"compiled in {time.perf_counter() - compile_start:.1f} s")
+  def inputs(step):
+    """Step `step`'s batches on the mesh, their tokens, and the iterators' state after them."""
+    group = groups[step % len(groups)]
+    local = {n: next(iterators[n]) for n in group}
+    tokens = sum(float(np.asarray(b["attention_mask"]).sum()) for b in local.values())
+    return (group, {n: global_batch(b, mesh) for n, b in local.items()}, tokens,
+            {n: it.get_state() for n, it in iterators.items()})
+
+  ahead = prefetch.Prefetcher(inputs, start_step, config.total_steps, config.prefetch_steps)
   window_start, window_steps, tokens, window, counts = time.perf_counter(), 0, 0.0, None, {}
   loop_start = first_done = progress_at = window_start  # first_done: after the first step
   preempted = False
   try:
-    for step in range(start_step, config.total_steps):
-      group = groups[step % len(groups)]
-      local = {n: next(iterators[n]) for n in group}
+    for step, (group, batches, step_tokens, data_state) in enumerate(ahead, start_step):
       with jax.set_mesh(mesh):
-        batches = {n: global_batch(b, mesh) for n, b in local.items()}
         state, m = steps[group](state, frozen, batches)
       # Sums over the logging window, on device (no sync): the log shows window means.
       window = m if window is None else {**window, **{k: window.get(k, 0) + v for k, v in m.items()}}
       counts.update({k: counts.get(k, 0) + 1 for k in m})
       window_steps += 1
-      tokens += sum(float(np.asarray(b["attention_mask"]).sum()) for b in local.values())
+      tokens += step_tokens
       done = step + 1
       # The first step is logged too: its line shows the run is under way.
       if done % config.log_every == 0 or done == config.total_steps or step == start_step:
@@ -227,7 +233,6 @@ def train(config, workdir: str, devices=None) -> dict:
         rate = (done - start_step - 1) / max(now - first_done, 1e-9)
         say(f"step {done}/{config.total_steps} ({done / config.total_steps:.1%}) | "
             f"{rate:.3g} steps/s | ETA {eta(config.total_steps - done, rate)}")
-      data_state = {n: it.get_state() for n, it in iterators.items()}
       stopping = stop.signal is not None  # read once: the signal's thread may set it any time
       if stopping or done == config.total_steps or done % config.checkpoint_every == 0:
         ckpt.save(done, state, data_state, manifest, force=True)
@@ -239,6 +244,7 @@ def train(config, workdir: str, devices=None) -> dict:
         break
   finally:
     stop.close()
+    ahead.close()  # before the iterators it draws from
     for it in iterators.values():
       it.close()
     ckpt.wait()

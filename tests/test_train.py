@@ -133,6 +133,14 @@ def test_one_device_gives_the_same_losses(reference_run, tmp_path):
                              rtol=2e-3)
 
 
+def test_input_made_in_the_loop_gives_the_same_losses(reference_run, tmp_path):
+  """prefetch_steps 0 (each step's batches made before it) against the reference run's
+  background thread 2 steps ahead: the same batches, bit for bit the same losses."""
+  workdir, _ = reference_run
+  train_lib.train(tiny_config(total_steps=10, prefetch_steps=0), str(tmp_path))
+  assert losses(str(tmp_path)) == losses(workdir)
+
+
 def test_restore_onto_a_different_mesh(reference_run, tmp_path):
   """Train 5 steps on 8-way data parallelism, resume on fsdp × tensor: the same losses."""
   workdir, _ = reference_run
@@ -243,7 +251,8 @@ def test_config_mistakes_are_reported_before_compiling(tmp_path):
   for overrides, field in [({"optimizer.lr": -1.0}, "optimizer.lr"),
                            ({"accumulation": "sometimes"}, "accumulation"),
                            ({"model.xattn.every": 9}, "xattn.every"),
-                           ({"data.synthetic.batch_size": 0}, "data.synthetic.batch_size")]:
+                           ({"data.synthetic.batch_size": 0}, "data.synthetic.batch_size"),
+                           ({"prefetch_steps": -1}, "prefetch_steps")]:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
       train_lib.train(tiny_config(**overrides), str(tmp_path))
   with pytest.raises(ValueError, match="config.mesh"):

@@ -40,6 +40,9 @@ def defaults() -> ml_collections.ConfigDict:
   # SLURM, ...); set them for a hand-made cluster (e.g. several CPU processes).
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.max_nonfinite_in_row = 20
+  # Steps of input (read, collated, on the mesh) made ahead of the loop in a background
+  # thread; 0: each step's batches made in the loop, before the step.
+  c.prefetch_steps = 2
   c.peak_flops_per_device = 0.0  # 0 = from the device kind (measured on CPU)
   c.eval = ml_collections.ConfigDict(dict(kind=""))  # '' = none; 'synthetic_fewshot'
   return c
@@ -79,6 +82,8 @@ def check(config) -> FlamingoConfig:
   for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "microbatches",
                "max_nonfinite_in_row"):
     require(int(config[name]) > 0, name, f"must be a positive integer, got {config[name]!r}")
+  require(int(config.prefetch_steps) >= 0, "prefetch_steps",
+          f"must be an integer >= 0, got {config.prefetch_steps!r}")
   opt = config.optimizer
   require(opt.lr > 0, "optimizer.lr", f"must be > 0, got {opt.lr}")
   require(opt.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
