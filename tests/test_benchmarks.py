@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,3 +23,16 @@ def test_train_step_benchmark_runs_against_open_flamingo():
   assert r["first_loss_rel_diff"] < 1e-5, (ours["first_loss"], theirs["first_loss"])
   assert ours["analytic_flops"] > 0 and 0 < ours["mfu"] and ours["memory_gib"]["temporaries"] > 0
   assert r["speedup"] == round(theirs["step_s"] / ours["step_s"], 3)
+
+
+def test_input_overlap_benchmark_runs():
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "input_overlap.py"), "--config",
+         os.path.join(ROOT, "configs", "tiny.py"), "--steps", "4", "--latency", "0.01",
+         "--prefetch", "0,2"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(env, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  (r,) = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+  assert r["latency_s"] == 0.01 and set(r["step_s"]) == {"0", "2"} and min(r["step_s"].values()) > 0
+  assert r["speedup"]["2"] == pytest.approx(r["step_s"]["0"] / r["step_s"]["2"], rel=1e-2)
