@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--vs-openflamingo] [--shape small|tiny|openflamingo_3b|flamingo_3b]
         [--batch 8] [--seq-len 128] [--images 2] [--steps 4] [--dtype float32|bfloat16]
-        [--remat none|full|...] [--threads N] [--profile DIR]
+        [--remat none|full|...] [--threads N] [--profile DIR] [--parts]
 
 Ours is the step `train.py` runs, built by `flamingo_jax.train.program.build` from a train
 config (the default trainable set: resampler, gated xattn, the `<image>` /
@@ -22,8 +22,11 @@ flamingo_jax.train.flops over step time and the device's peak: on CPU the fp32 m
 rate measured here), XLA's own FLOP count of the step (scans unrolled; a check of the
 analytic one), the compiled step's memory_analysis(), and the ratio
 open_flamingo step time / ours. `--profile DIR` writes a jax.profiler trace of two of our
-steps. Use an idle machine. Progress goes to stderr; the last line on stdout is one JSON
-object with every number, the machine and the command line.
+steps; `--parts` also times pieces of the step on the same batch, alternating with the
+steps: ours' frozen vision forward, the rest of the loss's forward (resampler, LM with
+xattn, token loss) and that forward with its backward; open_flamingo's vision encoder and
+whole forward under no_grad. Use an idle machine. Progress goes to stderr; the last line
+on stdout is one JSON object with every number, the machine and the command line.
 """
 import argparse
 import json
@@ -117,6 +120,46 @@ def reference_side(ref, host: dict, config):
   return step
 
 
+def our_parts(program, params, host: dict) -> dict:
+  """Ours in pieces, on the step's batch: the frozen vision tower's forward; the rest of
+  the loss's forward (resampler, LM with xattn, token loss) on its features; that
+  forward with its backward (the gradient of the trainable weights)."""
+  import jax
+  import jax.numpy as jnp
+  from flamingo_jax.train import partition, step as step_lib
+  model = program.model
+  trainable, frozen = program.place_params(params)
+  whole = partition.merge(trainable, frozen)
+  batch = {k: jnp.asarray(np.asarray(v)) for k, v in host.items()}
+  vision = jax.jit(lambda p, images: step_lib.vision_features(
+      model, p, {"bench": {"images": images}})["bench"])
+  inputs = {k: v for k, v in batch.items() if k in step_lib.BATCH_KEYS}
+  inputs["vision_features"] = vision(whole, batch["images"])
+  loss = lambda t, f, x: step_lib.summed_losses(model, partition.merge(t, f), {"bench": x})["bench"]
+  forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
+  return {"vision forward": lambda: vision(whole, batch["images"]).block_until_ready(),
+          "rest forward": lambda: forward(trainable, frozen, inputs).block_until_ready(),
+          "rest forward + backward": lambda: jax.block_until_ready(gradient(trainable, frozen, inputs))}
+
+
+def reference_parts(ref, host: dict) -> dict:
+  """open_flamingo's forward pieces without autograd: its vision encoder (the CLIP tower,
+  as `_encode_vision_x` calls it) and the whole forward with labels."""
+  import torch
+  vision_x = torch.from_numpy(np.asarray(host["images"])).permute(0, 1, 2, 5, 3, 4).contiguous()
+  ids = torch.from_numpy(np.asarray(host["input_ids"]).astype(np.int64))
+  mask = torch.from_numpy(np.asarray(host["attention_mask"]).astype(np.int64))
+
+  def vision():
+    with torch.no_grad():
+      return ref.vision_encoder(vision_x.flatten(0, 2))[1]
+
+  def whole():
+    with torch.no_grad():
+      return ref(vision_x=vision_x, lang_x=ids, attention_mask=mask, labels=ids)[0]
+  return {"vision forward": vision, "whole forward": whole}
+
+
 # --- measurements ------------------------------------------------------------------------------
 
 def compiled_numbers(program) -> dict:
@@ -163,6 +206,7 @@ def run(a) -> dict:
   if params is None and a.shape != "flamingo_3b":
     _, params = init_ours(model_config)  # gates opened, as the reference's
   ours, host, program = our_side(config, params)
+  parts = our_parts(program, params, host) if a.parts else {}
   del params
   log(f"{a.shape} ready in {time.perf_counter() - start:.1f} s")
 
@@ -170,10 +214,15 @@ def run(a) -> dict:
   if ref is not None:
     torch.set_num_threads(a.threads_used)
     sides["open_flamingo"] = reference_side(ref, host, config)
+  if a.parts:
+    sides.update({f"flamingo_jax {k}": f for k, f in parts.items()})
+    if ref is not None:
+      sides.update({f"open_flamingo {k}": f for k, f in reference_parts(ref, host).items()})
   first, losses, times = {}, {}, {n: [] for n in sides}
   for name, fn in sides.items():
     first[name], losses[name] = timed(fn)
-    log(f"  {name}: first step {first[name]:.2f} s, loss {losses[name]:.6f}")
+    if " " not in name:  # a whole step, not a part
+      log(f"  {name}: first step {first[name]:.2f} s, loss {losses[name]:.6f}")
   if a.profile:
     with jax.profiler.trace(a.profile):
       ours(), ours()
@@ -189,7 +238,9 @@ def run(a) -> dict:
   peak = max(flops.peak_flops_per_device(device) for _ in range(3 if device.platform == "cpu" else 1))
   tokens = a.batch * a.seq_len
   result = dict(batch=a.batch, seq_len=a.seq_len, images=a.images, steps=a.steps)
-  for name in sides:
+  if a.parts:
+    result["parts_s"] = {n: round(float(np.median(times[n])), 4) for n in sides if " " in n}
+  for name in [n for n in ("flamingo_jax", "open_flamingo") if n in sides]:
     med = float(np.median(times[name]))
     result[name] = dict(step_s=round(med, 4), times_s=[round(t, 4) for t in times[name]],
                         first_step_s=round(first[name], 3), first_loss=losses[name],
@@ -237,6 +288,9 @@ def parse(argv=None):
   p.add_argument("--threads", type=int, default=None,
                  help="default: every CPU this process may use")
   p.add_argument("--profile", default="", help="write a jax.profiler trace here")
+  p.add_argument("--parts", action="store_true",
+                 help="also time the step's pieces (vision forward, the rest's forward, its "
+                      "backward; open_flamingo's forwards), alternating with the steps")
   a = p.parse_args(argv)
   if a.vs_openflamingo and a.shape not in REFERENCE_SHAPES:
     p.error(f"--shape {a.shape} has no open_flamingo build here; choose {REFERENCE_SHAPES} or "

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_train_step_benchmark_runs_against_open_flamingo():
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--vs-openflamingo",
-         "--shape", "tiny", "--batch", "2", "--seq-len", "32", "--steps", "1"]
+         "--shape", "tiny", "--batch", "2", "--seq-len", "32", "--steps", "1", "--parts"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user's CPU
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
                        env=dict(env, JAX_PLATFORMS="cpu"))
@@ -23,6 +23,11 @@ def test_train_step_benchmark_runs_against_open_flamingo():
   assert r["first_loss_rel_diff"] < 1e-5, (ours["first_loss"], theirs["first_loss"])
   assert ours["analytic_flops"] > 0 and 0 < ours["mfu"] and ours["memory_gib"]["temporaries"] > 0
   assert r["speedup"] == round(theirs["step_s"] / ours["step_s"], 3)
+  parts = r["parts_s"]
+  assert set(parts) == {"flamingo_jax vision forward", "flamingo_jax rest forward",
+                        "flamingo_jax rest forward + backward", "open_flamingo vision forward",
+                        "open_flamingo whole forward"}
+  assert parts["flamingo_jax rest forward + backward"] > parts["flamingo_jax rest forward"] > 0
 
 
 def test_input_overlap_benchmark_runs():
