@@ -41,3 +41,16 @@ def test_input_overlap_benchmark_runs():
   (r,) = json.loads(out.stdout.strip().splitlines()[-1])["results"]
   assert r["latency_s"] == 0.01 and set(r["step_s"]) == {"0", "2"} and min(r["step_s"].values()) > 0
   assert r["speedup"]["2"] == pytest.approx(r["step_s"]["0"] / r["step_s"]["2"], rel=1e-2)
+
+
+def test_matmul_benchmark_runs():
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "matmul_cpu.py"), "--reps", "2"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(env, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert {row["form"] for row in r["rows"]} == {"x@W", "g@Wt", "xt@g"}
+  for row in r["rows"]:
+    assert row["xla_gflops"] > 0 and row["torch_gflops"] > 0
+    assert row["xla_over_torch_time"] == pytest.approx(row["torch_gflops"] / row["xla_gflops"], rel=0.02)
