@@ -41,7 +41,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
   c.max_nonfinite_in_row = 20
   # Steps of input (read, collated, on the mesh) made ahead of the loop in a background
-  # thread; 0: each step's batches made in the loop, before the step.
+  # thread, each holding its batches on the devices (train_compile.py's `batch` bytes a
+  # step, one more while the thread makes the next); 0: made in the loop, before the step.
   c.prefetch_steps = 2
   c.peak_flops_per_device = 0.0  # 0 = from the device kind (measured on CPU)
   c.eval = ml_collections.ConfigDict(dict(kind=""))  # '' = none; 'synthetic_fewshot'
