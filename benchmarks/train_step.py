@@ -24,9 +24,10 @@ analytic one), the compiled step's memory_analysis(), and the ratio
 open_flamingo step time / ours. `--profile DIR` writes a jax.profiler trace of two of our
 steps; `--parts` also times pieces of the step on the same batch, alternating with the
 steps: ours' frozen vision forward, the rest of the loss's forward (resampler, LM with
-xattn, token loss) and that forward with its backward; open_flamingo's vision encoder and
-whole forward under no_grad. Use an idle machine. Progress goes to stderr; the last line
-on stdout is one JSON object with every number, the machine and the command line.
+xattn, token loss) and that forward with its backward (also with the resampler frozen);
+open_flamingo's vision encoder and whole forward under no_grad. Use an idle machine.
+Progress goes to stderr; the last line on stdout is one JSON object with every number,
+the machine and the command line.
 """
 import argparse
 import json
@@ -123,7 +124,8 @@ def reference_side(ref, host: dict, config):
 def our_parts(program, params, host: dict) -> dict:
   """Ours in pieces, on the step's batch: the frozen vision tower's forward; the rest of
   the loss's forward (resampler, LM with xattn, token loss) on its features; that
-  forward with its backward (the gradient of the trainable weights)."""
+  forward with its backward (the gradient of the trainable weights), and the same with
+  the resampler frozen (what its backward costs)."""
   import jax
   import jax.numpy as jnp
   from flamingo_jax.train import partition, step as step_lib
@@ -137,9 +139,14 @@ def our_parts(program, params, host: dict) -> dict:
   inputs["vision_features"] = vision(whole, batch["images"])
   loss = lambda t, f, x: step_lib.summed_losses(model, partition.merge(t, f), {"bench": x})["bench"]
   forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
+  # The same split with the resampler's weights among the frozen ones.
+  no_resampler = tuple(p for p in program.config.trainable if not p.startswith("resampler"))
+  t2, f2 = partition.split(jax.device_get(whole), no_resampler)
   return {"vision forward": lambda: vision(whole, batch["images"]).block_until_ready(),
           "rest forward": lambda: forward(trainable, frozen, inputs).block_until_ready(),
-          "rest forward + backward": lambda: jax.block_until_ready(gradient(trainable, frozen, inputs))}
+          "rest forward + backward": lambda: jax.block_until_ready(gradient(trainable, frozen, inputs)),
+          "rest forward + backward, resampler frozen":
+              lambda: jax.block_until_ready(gradient(t2, f2, inputs))}
 
 
 def reference_parts(ref, host: dict) -> dict:
