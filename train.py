@@ -178,6 +178,7 @@ def train(config, workdir: str, devices=None) -> dict:
     steps = {g: program.lower(g).compile() for g in groups}  # before any step runs:
     multihost.barrier("train_steps_compiled")  # processes start stepping together
     say(f"compiled in {time.perf_counter() - compile_start:.1f} s")
+
   def inputs(step):
     """Step `step`'s batches on the mesh, their tokens, and the iterators' state after them."""
     group = groups[step % len(groups)]

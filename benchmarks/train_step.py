@@ -141,7 +141,7 @@ def our_parts(program, params, host: dict) -> dict:
   forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
   # The same split with the resampler's weights among the frozen ones.
   no_resampler = tuple(p for p in program.config.trainable if not p.startswith("resampler"))
-  t2, f2 = partition.split(jax.device_get(whole), no_resampler)
+  t2, f2 = jax.device_put(partition.split(jax.device_get(whole), no_resampler))
   return {"vision forward": lambda: vision(whole, batch["images"]).block_until_ready(),
           "rest forward": lambda: forward(trainable, frozen, inputs).block_until_ready(),
           "rest forward + backward": lambda: jax.block_until_ready(gradient(trainable, frozen, inputs)),
