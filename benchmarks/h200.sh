@@ -8,8 +8,9 @@
 #
 # On the GPU: benchmarks/train_step.py (ours alone, random weights, bfloat16) on the
 # openflamingo_3b- and flamingo_3b-shaped models at growing batches until one does not
-# fit (or the budget, BENCH_BUDGET_S, 480 s, runs out); each run's JSON line goes to $OUT/train_step_gpu.jsonl, the GPU's name to
-# $OUT/nvidia-smi.txt. BENCH_DRY=1 runs the same loop on this CPU at the tiny shape.
+# fit (or the budget, BENCH_BUDGET_S, 480 s, runs out); each run's JSON line goes to
+# $OUT/train_step_gpu.jsonl, the GPU's name to $OUT/nvidia-smi.txt. BENCH_DRY=1 runs the
+# same loop on this CPU at the tiny shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0)
@@ -44,8 +45,8 @@ for run in "${runs[@]}"; do
     left=$((deadline - SECONDS))
     if [ "$left" -lt 60 ]; then echo "== $shape batch $batch: skipped, ${left} s left"; break; fi
     echo "== $shape batch $batch $(date +%T)"
-    if ! timeout "$((left < 240 ? left : 240))" python3 benchmarks/train_step.py --shape "$shape" --batch "$batch" \
-        "${common[@]}" > "$OUT/last.txt" 2> "$OUT/last.err"; then
+    if ! timeout "$((left < 240 ? left : 240))" python3 benchmarks/train_step.py \
+        --shape "$shape" --batch "$batch" "${common[@]}" > "$OUT/last.txt" 2> "$OUT/last.err"; then
       tail -5 "$OUT/last.err"
       echo "   $shape batch $batch did not run: the largest that fits is the one before"
       break

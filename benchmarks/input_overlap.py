@@ -8,8 +8,8 @@ made to wait `latency` seconds first (the host core idle, as when reading from a
 Each (latency, prefetch) pair is one `train.train` run of `--steps` steps (no eval, no
 checkpoint), alternating the prefetch values; reported: the median of the logged step
 times after the first window (train.py's `step_time`: wall time over the window's steps),
-and per latency each one's speed-up over the first `--prefetch` value's. One device. Use an idle machine.
-The last line is one JSON object with every number.
+and per latency each one's speed-up over the first `--prefetch` value's. One device; use
+an idle machine. The last line is one JSON object with every number.
 """
 import argparse
 import importlib.util

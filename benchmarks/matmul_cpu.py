@@ -81,8 +81,8 @@ def main():
           f"{row['torch_gflops']:6.1f} GFLOP/s  XLA/torch time {row['xla_over_torch_time']:.2f}",
           file=sys.stderr, flush=True)
   ratios = [r["xla_over_torch_time"] for r in rows]
-  print(json.dumps(dict(benchmark="matmul_cpu", machine=machine(threads, reference=True), reps=a.reps, rows=rows,
-                        xla_over_torch_time_range=[min(ratios), max(ratios)])))
+  print(json.dumps(dict(benchmark="matmul_cpu", machine=machine(threads, reference=True),
+                        reps=a.reps, rows=rows, xla_over_torch_time_range=[min(ratios), max(ratios)])))
 
 
 if __name__ == "__main__":

@@ -89,12 +89,19 @@ def our_side(config, params=None):
   return step, host, program
 
 
-def reference_side(ref, host: dict, config):
-  """open_flamingo's step (train/train_utils.py) on the same batch: step() -> loss."""
+def torch_inputs(host: dict):
+  """The host batch as open_flamingo takes it: (vision_x [B, M, F, C, H, W], ids, mask)."""
   import torch
   vision_x = torch.from_numpy(np.asarray(host["images"])).permute(0, 1, 2, 5, 3, 4).contiguous()
   ids = torch.from_numpy(np.asarray(host["input_ids"]).astype(np.int64))
   mask = torch.from_numpy(np.asarray(host["attention_mask"]).astype(np.int64))
+  return vision_x, ids, mask
+
+
+def reference_side(ref, host: dict, config):
+  """open_flamingo's step (train/train_utils.py) on the same batch: step() -> loss."""
+  import torch
+  vision_x, ids, mask = torch_inputs(host)
   # HF shifts labels inside the loss: label t + 1 counts where our loss_mask[t] does.
   labels = ids.clone()
   keep = np.concatenate([np.zeros((ids.shape[0], 1), bool),
@@ -153,9 +160,7 @@ def reference_parts(ref, host: dict) -> dict:
   """open_flamingo's forward pieces without autograd: its vision encoder (the CLIP tower,
   as `_encode_vision_x` calls it) and the whole forward with labels."""
   import torch
-  vision_x = torch.from_numpy(np.asarray(host["images"])).permute(0, 1, 2, 5, 3, 4).contiguous()
-  ids = torch.from_numpy(np.asarray(host["input_ids"]).astype(np.int64))
-  mask = torch.from_numpy(np.asarray(host["attention_mask"]).astype(np.int64))
+  vision_x, ids, mask = torch_inputs(host)
 
   def vision():
     with torch.no_grad():
