@@ -22,6 +22,8 @@ def test_train_step_benchmark_runs_against_open_flamingo():
   # Same weights, same batch, same loss: the two steps are the same computation.
   assert r["first_loss_rel_diff"] < 1e-5, (ours["first_loss"], theirs["first_loss"])
   assert ours["analytic_flops"] > 0 and 0 < ours["mfu"] and ours["memory_gib"]["temporaries"] > 0
+  # The frozen-aware count (train/flops.py) is the work the compiled step does.
+  assert 0.95 < ours["xla_over_analytic"] < 1.05, ours["xla_over_analytic"]
   assert r["speedup"] == round(theirs["step_s"] / ours["step_s"], 3)
   parts = r["parts_s"]
   assert set(parts) == {"flamingo_jax vision forward", "flamingo_jax rest forward",

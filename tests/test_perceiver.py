@@ -1,7 +1,12 @@
-"""Perceiver Resampler: fixed output shape, temporal embeddings, latents in the keys."""
+"""Perceiver Resampler: fixed output shape, temporal embeddings, latents in the keys, parity
+with open_flamingo's (output and gradients)."""
+import functools
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flamingo_jax.config import ResamplerConfig
 from flamingo_jax.perceiver import PerceiverResampler, temporal_embeddings
@@ -129,3 +134,49 @@ def test_remat_policy_decides_whether_the_backward_recomputes_the_layers():
   (g_none, jaxpr_none), (g_full, jaxpr_full) = grad("none"), grad("full")
   assert "remat" not in jaxpr_none and "remat" in jaxpr_full  # (jax.checkpoint's primitive: remat2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_none, g_full)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_output_and_gradients_match_open_flamingo(frames):
+  """The resampler and the gradient of every weight against open_flamingo's
+  PerceiverResampler on the same weights (its LayerNorms away from scale 1 / bias 0);
+  with 3 frames its learned frame embeddings (ours: the temporal table) train too."""
+  torch = pytest.importorskip("torch")
+  helpers = pytest.importorskip("open_flamingo.src.helpers")
+  from flamingo_jax.convert.openflamingo import convert_resampler
+  from flamingo_jax.convert.state_dict import StateDict
+
+  cfg = ResamplerConfig(depth=2, num_heads=2, head_dim=8, num_latents=5, ff_mult=2,
+                        max_frames=frames if frames > 1 else 0)
+  d = 16
+  torch.manual_seed(0)
+  ref = helpers.PerceiverResampler(dim=d, depth=cfg.depth, dim_head=cfg.head_dim,
+                                   heads=cfg.num_heads, num_latents=cfg.num_latents,
+                                   max_num_frames=cfg.max_frames or None, ff_mult=cfg.ff_mult)
+  with torch.no_grad():
+    for name, p in ref.named_parameters():  # 1-D: the LayerNorms' scales (about 1) and biases
+      p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.3) + float(p.ndim == 1 and name.endswith("weight")))
+  x = torch.randn(2, 2, frames, 7, d)
+  g = torch.randn(2, 2, cfg.num_latents, d)
+  (ref(x) * g).sum().backward()
+
+  def ours(tensors):  # an open_flamingo state dict → our resampler tree
+    tensors = dict(tensors)
+    table = tensors.pop("frame_embs", None)
+    config = types.SimpleNamespace(resampler=cfg, vision=types.SimpleNamespace(out_dim=d))
+    tree = convert_resampler(StateDict(tensors), config, prefix="")
+    if table is not None:
+      tree["temporal_embedding"] = table
+    return jax.tree.map(jnp.asarray, tree)
+
+  params = ours({k: p.detach().numpy() for k, p in ref.named_parameters()})
+  want_grads = ours({k: p.grad.numpy() for k, p in ref.named_parameters()})
+  model = PerceiverResampler(cfg, remat_policy="none")
+  features, cotangent = jnp.asarray(x.numpy()), jnp.asarray(g.numpy())
+  out = model.apply({"params": params}, features)
+  np.testing.assert_allclose(out, ref(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, features) * cotangent))(params)
+  assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+  for path, got in jax.tree_util.tree_leaves_with_path(grads):
+    want = functools.reduce(lambda t, k: t[k.key], path, want_grads)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
