@@ -179,4 +179,5 @@ def test_output_and_gradients_match_open_flamingo(frames):
   assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
   for path, got in jax.tree_util.tree_leaves_with_path(grads):
     want = functools.reduce(lambda t, k: t[k.key], path, want_grads)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),  # float32 sums
+                               err_msg=jax.tree_util.keystr(path))
