@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--vs-openflamingo] [--shape small|tiny|openflamingo_3b|flamingo_3b]
         [--batch 8] [--seq-len 128] [--images 2] [--steps 4] [--dtype float32|bfloat16]
-        [--remat none|full|...] [--threads N] [--profile DIR] [--parts]
+        [--remat none|full|...] [--unroll] [--threads N] [--profile DIR] [--parts]
 
 Ours is the step `train.py` runs, built by `flamingo_jax.train.program.build` from a train
 config (the default trainable set: resampler, gated xattn, the `<image>` /
@@ -54,6 +54,7 @@ def train_config(model_config, a):
   c = train_config_lib.defaults()
   c.model = model_config.to_dict()
   c.model.remat_policy = a.remat
+  c.unroll_layers = a.unroll
   c.frozen_dtype = a.dtype
   c.optimizer.warmup_steps = 0  # open_flamingo's side runs a constant rate too
   c.data.bench = dict(source="random", batch_size=a.batch, seq_len=a.seq_len,
@@ -133,27 +134,33 @@ def our_parts(program, params, host: dict) -> dict:
   the loss's forward (resampler, LM with xattn, token loss) on its features; that
   forward with its backward (the gradient of the trainable weights), and the same with
   the resampler frozen (what its backward costs)."""
+  import contextlib
   import jax
   import jax.numpy as jnp
+  from flamingo_jax.layers.scan import unrolled
   from flamingo_jax.train import partition, step as step_lib
   model = program.model
+  scans = unrolled if program.config.unroll_layers else contextlib.nullcontext  # as the step's
+
+  def run(fn, *args):
+    with scans():  # (traced at the first call)
+      return jax.block_until_ready(fn(*args))
   trainable, frozen = program.place_params(params)
   whole = partition.merge(trainable, frozen)
   batch = {k: jnp.asarray(np.asarray(v)) for k, v in host.items()}
   vision = jax.jit(lambda p, images: step_lib.vision_features(
       model, p, {"bench": {"images": images}})["bench"])
   inputs = {k: v for k, v in batch.items() if k in step_lib.BATCH_KEYS}
-  inputs["vision_features"] = vision(whole, batch["images"])
+  inputs["vision_features"] = run(vision, whole, batch["images"])
   loss = lambda t, f, x: step_lib.summed_losses(model, partition.merge(t, f), {"bench": x})["bench"]
   forward, gradient = jax.jit(loss), jax.jit(jax.grad(loss))
   # The same split with the resampler's weights among the frozen ones.
   no_resampler = tuple(p for p in program.config.trainable if not p.startswith("resampler"))
   t2, f2 = jax.device_put(partition.split(jax.device_get(whole), no_resampler))
-  return {"vision forward": lambda: vision(whole, batch["images"]).block_until_ready(),
-          "rest forward": lambda: forward(trainable, frozen, inputs).block_until_ready(),
-          "rest forward + backward": lambda: jax.block_until_ready(gradient(trainable, frozen, inputs)),
-          "rest forward + backward, resampler frozen":
-              lambda: jax.block_until_ready(gradient(t2, f2, inputs))}
+  return {"vision forward": lambda: run(vision, whole, batch["images"]),
+          "rest forward": lambda: run(forward, trainable, frozen, inputs),
+          "rest forward + backward": lambda: run(gradient, trainable, frozen, inputs),
+          "rest forward + backward, resampler frozen": lambda: run(gradient, t2, f2, inputs)}
 
 
 def reference_parts(ref, host: dict) -> dict:
@@ -297,6 +304,7 @@ def parse(argv=None):
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                  help="compute, parameter and frozen-weight dtype")
   p.add_argument("--remat", default="none", help="FlamingoConfig.remat_policy")
+  p.add_argument("--unroll", action="store_true", help="the train config's unroll_layers")
   p.add_argument("--threads", type=int, default=None,
                  help="default: every CPU this process may use")
   p.add_argument("--profile", default="", help="write a jax.profiler trace here")
@@ -327,7 +335,8 @@ def main(argv=None):
   report(result)
   out = dict(benchmark="train_step", command=shlex.join([sys.executable, *sys.argv]),
              machine=machine(a.threads_used, a.vs_openflamingo), shape=a.shape, dtype=a.dtype,
-             remat=a.remat, **result, total_s=round(time.perf_counter() - start, 1))
+             remat=a.remat, unroll_layers=a.unroll, **result,
+             total_s=round(time.perf_counter() - start, 1))
   print(json.dumps(out), flush=True)
 
 

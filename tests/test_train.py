@@ -141,6 +141,20 @@ def test_input_made_in_the_loop_gives_the_same_losses(reference_run, tmp_path):
   assert losses(str(tmp_path)) == losses(workdir)
 
 
+def test_unrolled_layers_give_the_same_losses(reference_run, tmp_path):
+  """unroll_layers: no loop over any layer stack in the step (the one left is the
+  micro-batches'), and the same training as the scanned reference run's."""
+  from flamingo_jax.train import program as program_lib
+  def loops(config):
+    program = program_lib.from_config(config)
+    return program.lower(*program.groups).as_text().count("stablehlo.while")
+  assert loops(tiny_config(unroll_layers=True)) == 1 < loops(tiny_config())
+  workdir, _ = reference_run
+  train_lib.train(tiny_config(total_steps=10, unroll_layers=True), str(tmp_path))
+  ours, ref = losses(str(tmp_path)), losses(workdir)
+  np.testing.assert_allclose([ours[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5)
+
+
 def test_restore_onto_a_different_mesh(reference_run, tmp_path):
   """Train 5 steps on 8-way data parallelism, resume on fsdp × tensor: the same losses."""
   workdir, _ = reference_run
