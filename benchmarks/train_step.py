@@ -134,16 +134,14 @@ def our_parts(program, params, host: dict) -> dict:
   the loss's forward (resampler, LM with xattn, token loss) on its features; that
   forward with its backward (the gradient of the trainable weights), and the same with
   the resampler frozen (what its backward costs)."""
-  import contextlib
   import jax
   import jax.numpy as jnp
   from flamingo_jax.layers.scan import unrolled
   from flamingo_jax.train import partition, step as step_lib
   model = program.model
-  scans = unrolled if program.config.unroll_layers else contextlib.nullcontext  # as the step's
 
   def run(fn, *args):
-    with scans():  # (traced at the first call)
+    with unrolled(program.config.unroll_layers):  # as the step's (traced at the first call)
       return jax.block_until_ready(fn(*args))
   trainable, frozen = program.place_params(params)
   whole = partition.merge(trainable, frozen)

@@ -27,9 +27,11 @@ def stack_trees(trees: list) -> dict:
 
 
 @contextlib.contextmanager
-def unrolled():
-  token = _UNROLL.set(True)
+def unrolled(enabled: bool = True):
+  """Every `scan` traced inside unrolls (with `enabled`; else a no-op: a config's switch)."""
+  token = _UNROLL.set(True) if enabled else None
   try:
     yield
   finally:
-    _UNROLL.reset(token)
+    if token is not None:
+      _UNROLL.reset(token)

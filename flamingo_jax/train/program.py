@@ -20,7 +20,6 @@ function, so what compiles there is what runs here.
   groups, steps            the datasets of each update (all of them, or one each for
                            round robin) → its jitted step(state, frozen, batches)
 """
-import contextlib
 import dataclasses
 from typing import Any, Callable, Mapping
 
@@ -32,8 +31,8 @@ import numpy as np
 
 from flamingo_jax import sharding
 from flamingo_jax.config import FlamingoConfig
-from flamingo_jax.layers.scan import unrolled
 from flamingo_jax.data import loader
+from flamingo_jax.layers.scan import unrolled
 from flamingo_jax.model import Flamingo
 from flamingo_jax.train import (config as config_lib, flops, optimizer as optim, partition,
                                 step as step_lib, update_layout)
@@ -228,7 +227,7 @@ def build(config, model_config: FlamingoConfig, mesh, batch_shapes: Mapping[str,
                                   config.microbatches, learning_rate=schedule, layout=layout)
 
     def with_rules(state, frozen, batches):
-      with nn.logical_axis_rules(rules), (unrolled() if config.unroll_layers else contextlib.nullcontext()):
+      with nn.logical_axis_rules(rules), unrolled(config.unroll_layers):
         return fn(state, frozen, batches)
     in_shardings = (state_shardings, frozen_shardings,
                     {n: {k: batch_sharding for k in shapes[n]} for n in group})
