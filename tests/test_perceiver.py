@@ -155,7 +155,8 @@ def test_output_and_gradients_match_open_flamingo(frames):
                                    max_num_frames=cfg.max_frames or None, ff_mult=cfg.ff_mult)
   with torch.no_grad():
     for name, p in ref.named_parameters():  # 1-D: the LayerNorms' scales (about 1) and biases
-      p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.3) + float(p.ndim == 1 and name.endswith("weight")))
+      scale = float(p.ndim == 1 and name.endswith("weight"))
+      p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.3) + scale)
   x = torch.randn(2, 2, frames, 7, d)
   g = torch.randn(2, 2, cfg.num_latents, d)
   (ref(x) * g).sum().backward()
