@@ -12,7 +12,6 @@ and per latency each one's speed-up over the first `--prefetch` value's. One dev
 an idle machine. The last line is one JSON object with every number.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -41,18 +40,12 @@ class Waiting:
     return next(self.it)
 
 
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def step_time(config_path: str, steps: int, latency: float, prefetch: int) -> float:
   import jax
   import train as train_lib
   from flamingo_jax.data import sources
-  config = load_config(config_path)
+  from flamingo_jax.train.config import from_file
+  config = from_file(config_path)
   log_every = max(1, steps // 4)
   config.update(total_steps=steps, log_every=log_every, checkpoint_every=steps + 1,
                 prefetch_steps=prefetch)

@@ -21,7 +21,6 @@ keeps its own ids, and train.py stops before compiling when the dataset's differ
 (data/sources.py `check_tokens`). What trains is the paper's default (config.trainable).
 """
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -78,10 +77,7 @@ def _model_config(name: str):
   file = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
   if not os.path.isfile(file):
     raise ConfigError(f"config argument model={name!r}: no configs/{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  theirs, config = module.get_config(), train_config.defaults()
+  theirs, config = train_config.from_file(file), train_config.defaults()
   config.model, config.trainable = theirs.model, theirs.trainable
   return config
 

@@ -5,10 +5,22 @@ whatever else differs, and can be overridden on the command line:
 
   python train.py --config configs/tiny.py --workdir /tmp/run --config.total_steps=10
 """
+import importlib.util
+import os
+
 import ml_collections
 
 from flamingo_jax import sharding, trainable
 from flamingo_jax.config import ConfigError, FlamingoConfig
+
+
+def from_file(path: str, arg=None) -> ml_collections.ConfigDict:
+  """A config file's `get_config(arg)`, loaded as train.py's `--config FILE.py:arg` does."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def defaults() -> ml_collections.ConfigDict:
